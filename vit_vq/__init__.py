@@ -1,0 +1,21 @@
+"""vit_vq: discrete image tokenizers (ViT encoder, vector quantizer, ViT decoder).
+
+`import vit_vq` is light: transformers, accelerate and triton are imported only where used.
+"""
+
+__version__ = "0.1.0"
+
+from .config import PRESETS, ViTVQConfig
+from .quantizer import QuantizerOutput, VectorQuantizer
+from .tokenizer import EncodeOutput, TokenizerOutput, ViTVQTokenizer
+
+__all__ = [
+    "__version__",
+    "ViTVQConfig",
+    "PRESETS",
+    "ViTVQTokenizer",
+    "TokenizerOutput",
+    "EncodeOutput",
+    "VectorQuantizer",
+    "QuantizerOutput",
+]

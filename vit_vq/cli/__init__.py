@@ -1,0 +1,1 @@
+"""The `vit-vq` command line. Each subcommand lives in its own module."""

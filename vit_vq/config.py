@@ -1,0 +1,199 @@
+"""`ViTVQConfig`: the one configuration object of a tokenizer.
+
+Every submodule takes the config whole. It is validated once, in `__post_init__`,
+serialised to `config.json` with a `format_version`, and presets are plain data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+FORMAT_VERSION = 1
+
+PixelConvention = Literal["minus_one_one", "zero_one", "imagenet"]
+
+
+@dataclass
+class ViTVQConfig:
+    """Architecture and quantizer settings of a `ViTVQTokenizer`.
+
+    Images enter the public API as floats in [0, 1] (or uint8); `pixel_convention`
+    says how the encoder sees them internally (`minus_one_one` matches the
+    mean=std=0.5 normalisation of Hugging Face's ViT checkpoints).
+
+    Raises:
+        ValueError: for impossible combinations, e.g. an image size that is not a
+            multiple of the patch size, or a width not divisible by the head count.
+    """
+
+    # geometry
+    image_size: int = 256
+    patch_size: int = 8
+    in_channels: int = 3
+    # encoder ViT
+    encoder_width: int = 768
+    encoder_depth: int = 12
+    encoder_heads: int = 12
+    encoder_cls_token: bool = False
+    # decoder ViT
+    decoder_width: int = 768
+    decoder_depth: int = 12
+    decoder_heads: int = 12
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6
+    # codebook
+    codebook_size: int = 8192
+    codebook_dim: int = 32
+    l2_normalize: bool = True
+    commitment_beta: float = 0.25
+    use_ema: bool = True
+    ema_decay: float = 0.99
+    ema_eps: float = 1e-5
+    dead_code_threshold: float = 0.03
+    kmeans_init: bool = False
+    kmeans_iters: int = 10
+    # pixels
+    pixel_convention: PixelConvention = "minus_one_one"
+    # training-time defaults that belong to the model's recipe
+    perceptual_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        positive = {
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "in_channels": self.in_channels,
+            "encoder_width": self.encoder_width,
+            "encoder_depth": self.encoder_depth,
+            "encoder_heads": self.encoder_heads,
+            "decoder_width": self.decoder_width,
+            "decoder_depth": self.decoder_depth,
+            "decoder_heads": self.decoder_heads,
+            "codebook_size": self.codebook_size,
+            "codebook_dim": self.codebook_dim,
+            "kmeans_iters": self.kmeans_iters,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ViTVQConfig.{name} must be a positive int, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
+        for part in ("encoder", "decoder"):
+            width, heads = getattr(self, f"{part}_width"), getattr(self, f"{part}_heads")
+            if width % heads:
+                raise ValueError(f"{part}_width ({width}) must be divisible by {part}_heads ({heads})")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.ema_eps <= 0:
+            raise ValueError(f"ema_eps must be > 0, got {self.ema_eps}")
+        if self.commitment_beta < 0:
+            raise ValueError(f"commitment_beta must be >= 0, got {self.commitment_beta}")
+        if self.dead_code_threshold < 0:
+            raise ValueError(f"dead_code_threshold must be >= 0, got {self.dead_code_threshold}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.perceptual_weight < 0:
+            raise ValueError(f"perceptual_weight must be >= 0, got {self.perceptual_weight}")
+        conventions = ("minus_one_one", "zero_one", "imagenet")
+        if self.pixel_convention not in conventions:
+            raise ValueError(f"pixel_convention must be one of {conventions}, got {self.pixel_convention!r}")
+
+    # -- derived ---------------------------------------------------------------------
+    @property
+    def grid_size(self) -> int:
+        """Tokens per side: `image_size // patch_size`."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image: `grid_size ** 2`."""
+        return self.grid_size**2
+
+    # -- serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, plus `format_version` and the library version."""
+        from . import __version__
+
+        return {**dataclasses.asdict(self), "format_version": FORMAT_VERSION, "vit_vq_version": __version__}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ViTVQConfig:
+        """Build a config from `to_dict()` output.
+
+        Raises:
+            ValueError: on unknown keys or a `format_version` newer than this library reads.
+        """
+        data = dict(data)
+        version = data.pop("format_version", FORMAT_VERSION)
+        data.pop("vit_vq_version", None)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"config format_version {version!r} is newer than this vit_vq reads ({FORMAT_VERSION}); "
+                "upgrade vit_vq"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ViTVQConfig keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def config_hash(self) -> str:
+        """A short, stable hash of the architecture fields (not the library version)."""
+        payload = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(payload).hexdigest()[:16]
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ViTVQConfig:
+        """One of `PRESETS` (`tiny`, `small`, `base`, `seed`), with optional field overrides.
+
+        Raises:
+            ValueError: for an unknown preset name; the message lists the known ones.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Trains on a CPU in minutes; used by tests and examples.
+    "tiny": dict(
+        image_size=32, patch_size=4,
+        encoder_width=64, encoder_depth=2, encoder_heads=4,
+        decoder_width=64, decoder_depth=2, decoder_heads=4,
+        codebook_size=256, codebook_dim=8, l2_normalize=True,
+        perceptual_weight=0.0,
+    ),
+    # ViT-VQGAN recipe (Yu et al. 2022): 256 px, patch 8, 32x32 tokens, 8192 codes of dim 32, l2.
+    "small": dict(
+        image_size=256, patch_size=8,
+        encoder_width=512, encoder_depth=8, encoder_heads=8,
+        decoder_width=512, decoder_depth=8, decoder_heads=8,
+        codebook_size=8192, codebook_dim=32, l2_normalize=True,
+        perceptual_weight=0.1,
+    ),
+    "base": dict(
+        image_size=256, patch_size=8,
+        encoder_width=768, encoder_depth=12, encoder_heads=12,
+        decoder_width=768, decoder_depth=12, decoder_heads=12,
+        codebook_size=8192, codebook_dim=32, l2_normalize=True,
+        perceptual_weight=0.1,
+    ),
+    # The reference design: ViT-B/16 at 224 px, 14x14 tokens, 1024 codes of dim 512.
+    "seed": dict(
+        image_size=224, patch_size=16,
+        encoder_width=768, encoder_depth=12, encoder_heads=12, encoder_cls_token=True,
+        decoder_width=768, decoder_depth=12, decoder_heads=12,
+        codebook_size=1024, codebook_dim=512, l2_normalize=False, layer_norm_eps=1e-12,
+        perceptual_weight=1.0,
+    ),
+}
+
+__all__ = ["ViTVQConfig", "PRESETS", "FORMAT_VERSION", "PixelConvention"]

@@ -1,0 +1,46 @@
+"""ViT encoder: pixels -> patch tokens -> transformer -> projection to the code space."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ViTVQConfig
+from .layers import Transformer, init_weights
+
+
+class Encoder(nn.Module):
+    """`[B, C, H, W]` normalised pixels -> latents `[B, h*w, codebook_dim]`.
+
+    With `config.encoder_cls_token` a CLS token is prepended (as in Hugging Face ViT
+    checkpoints) and dropped after the transformer.
+    """
+
+    def __init__(self, config: ViTVQConfig) -> None:
+        super().__init__()
+        self.config = config
+        W = config.encoder_width
+        self.patch_embed = nn.Conv2d(config.in_channels, W, config.patch_size, stride=config.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, W))
+        if config.encoder_cls_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, W))
+            self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, W))
+        self.transformer = Transformer(W, config.encoder_depth, config.encoder_heads, config.mlp_ratio, config.layer_norm_eps)
+        self.to_code = nn.Linear(W, config.codebook_dim)
+        init_weights(self)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Transformer output before the code projection: `[B, (1+) h*w, width]`."""
+        x = self.patch_embed(pixels)  # (B, W, h, w)
+        x = x.flatten(2).transpose(1, 2) + self.pos_embed  # (B, h*w, W)
+        if self.config.encoder_cls_token:
+            cls = (self.cls_token + self.cls_pos_embed).expand(x.shape[0], -1, -1)  # (B, 1, W)
+            x = torch.cat([cls, x], dim=1)  # (B, 1+h*w, W)
+        return self.transformer(x)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.features(pixels)
+        if self.config.encoder_cls_token:
+            x = x[:, 1:]  # (B, h*w, W)
+        return self.to_code(x)  # (B, h*w, D)

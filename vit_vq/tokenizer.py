@@ -1,0 +1,262 @@
+"""`ViTVQTokenizer`: images <-> integer code grids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from . import hub
+from .config import ViTVQConfig
+from .decoder import Decoder
+from .encoder import Encoder
+from .preprocess import preprocess as _preprocess
+from .quantizer import QuantizerOutput, VectorQuantizer
+from .validation import check_images, check_indices
+
+_MEAN_STD = {
+    "minus_one_one": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "zero_one": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+@dataclass
+class TokenizerOutput:
+    """Result of `ViTVQTokenizer.forward`.
+
+    reconstruction: float `[B, 3, H, W]`, in [0, 1] in eval mode (unclamped while training).
+    indices: int64 `[B, h, w]`.
+    loss: `recon_loss + codebook_loss + commit_loss`.
+    metrics: `perplexity`, `usage`, `dead_codes` (scalar tensors).
+    """
+
+    reconstruction: torch.Tensor
+    indices: torch.Tensor
+    loss: torch.Tensor
+    recon_loss: torch.Tensor
+    codebook_loss: torch.Tensor
+    commit_loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class EncodeOutput:
+    """`encode(..., return_latents=True)`: codes `[B, h, w]` and pre-quantization latents `[B, h, w, D]`."""
+
+    indices: torch.Tensor
+    latents: torch.Tensor
+
+
+class ViTVQTokenizer(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="vit_vq",
+    license="apache-2.0",
+    tags=["vit_vq", "image-tokenizer", "vector-quantization"],
+):
+    """A ViT-VQ image tokenizer: ViT encoder -> vector quantizer -> ViT decoder.
+
+    Images are float `[B, 3, S, S]` in [0, 1], or uint8; codes are int64 `[B, S/p, S/p]`.
+
+    Example:
+        >>> tok = ViTVQTokenizer(ViTVQConfig.from_preset("tiny"))
+        >>> codes = tok.encode(torch.rand(2, 3, 32, 32))   # int64 [2, 8, 8]
+        >>> images = tok.decode(codes)                       # float [2, 3, 32, 32]
+    """
+
+    def __init__(self, config: ViTVQConfig | None = None) -> None:
+        super().__init__()
+        config = config if config is not None else ViTVQConfig()
+        if not isinstance(config, ViTVQConfig):
+            raise TypeError(f"expected a ViTVQConfig, got {type(config).__name__}")
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quantizer = VectorQuantizer(config)
+        self.decoder = Decoder(config)
+        mean, std = _MEAN_STD[config.pixel_convention]
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    # -- pixels ----------------------------------------------------------------------
+    def preprocess(self, images: Any) -> torch.Tensor:
+        """PIL images, numpy arrays, tensors or lists of them -> float `[B, 3, S, S]` in [0, 1].
+
+        Resizes the short side to `config.image_size` and center-crops.
+        """
+        return _preprocess(images, self.config.image_size).to(self.pixel_mean.device)
+
+    def _to_model_space(self, images: torch.Tensor, validate: bool) -> torch.Tensor:
+        if validate:
+            check_images(images, self.config.image_size, self.config.in_channels)
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images
+        dtype = self.encoder.patch_embed.weight.dtype
+        return ((x.to(self.pixel_mean.device, torch.float32) - self.pixel_mean) / self.pixel_std).to(dtype)
+
+    def _to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * self.pixel_std + self.pixel_mean
+
+    def _grid(self, flat: torch.Tensor) -> torch.Tensor:
+        g = self.config.grid_size
+        return flat.reshape(flat.shape[0], g, g, *flat.shape[2:])
+
+    # -- latent-level API --------------------------------------------------------------
+    def quantize(self, latents: torch.Tensor) -> QuantizerOutput:
+        """Quantize encoder latents `[B, h, w, D]` or `[B, h*w, D]` (no state change in eval)."""
+        if latents.ndim not in (3, 4) or latents.shape[-1] != self.config.codebook_dim:
+            raise ValueError(
+                f"expected latents [B, h, w, {self.config.codebook_dim}] or [B, h*w, {self.config.codebook_dim}], "
+                f"got {tuple(latents.shape)}"
+            )
+        return self.quantizer(latents)
+
+    def embed_codes(self, indices: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
+        """Integer codes `[B, h, w]` or `[B, h*w]` -> code vectors float32 `[B, h, w, D]`."""
+        if validate:
+            indices = check_indices(indices, self.config.grid_size, self.config.codebook_size)
+        else:
+            indices = self._grid(indices.reshape(indices.shape[0], -1).long())
+        return self.quantizer.embed_codes(indices)
+
+    def decode_latents(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code vectors `[B, h, w, D]` or `[B, h*w, D]` -> float images `[B, 3, H, W]` (unclamped)."""
+        if codes.ndim == 4:
+            codes = codes.flatten(1, 2)  # (B, h*w, D)
+        if codes.ndim != 3 or codes.shape[1:] != (self.config.num_tokens, self.config.codebook_dim):
+            raise ValueError(
+                f"expected code vectors [B, {self.config.grid_size}, {self.config.grid_size}, {self.config.codebook_dim}] "
+                f"or [B, {self.config.num_tokens}, {self.config.codebook_dim}], got {tuple(codes.shape)}"
+            )
+        dtype = self.decoder.from_code.weight.dtype
+        return self._to_pixels(self.decoder(codes.to(dtype)))
+
+    # -- public API ------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(
+        self, images: torch.Tensor, *, return_latents: bool = False, validate: bool = True
+    ) -> torch.Tensor | EncodeOutput:
+        """Images -> codes.
+
+        Args:
+            images: float `[B, 3, S, S]` in [0, 1], or uint8 `[B, 3, S, S]`.
+            return_latents: also return the encoder latents `[B, h, w, D]` (before quantization).
+            validate: check shape, dtype and values (one reduction, one host sync).
+
+        Returns:
+            int64 `[B, S/p, S/p]`, or an `EncodeOutput` when `return_latents`.
+
+        Raises:
+            TypeError: unsupported dtype. ValueError: wrong rank/channels/size, NaN/Inf, out of [0, 1].
+        """
+        latents = self.encoder(self._to_model_space(images, validate))  # (B, h*w, D)
+        z = self.quantizer.prepare(latents)
+        indices = self._grid(self.quantizer.lookup(z))  # (B, h, w)
+        if return_latents:
+            return EncodeOutput(indices=indices, latents=self._grid(latents.float()))
+        return indices
+
+    @torch.inference_mode()
+    def decode(self, indices: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
+        """Codes int `[B, h, w]` or `[B, h*w]` in `[0, codebook_size)` -> float `[B, 3, S, S]` in [0, 1].
+
+        Raises:
+            TypeError: non-integer codes. ValueError: wrong grid, or codes out of range
+            (checked before any gather).
+        """
+        return self.decode_latents(self.embed_codes(indices, validate=validate)).clamp(0, 1)
+
+    def forward(self, images: torch.Tensor, *, validate: bool = True) -> TokenizerOutput:
+        """Encode, quantize (straight-through) and decode; returns losses and codebook metrics."""
+        x = self._to_model_space(images, validate)
+        target = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        q = self.quantizer(self.encoder(x))
+        recon = self.decode_latents(q.quantized)  # (B, 3, H, W)
+        if not self.training:
+            recon = recon.clamp(0, 1)
+        recon_loss = F.mse_loss(recon, target.to(recon.device))
+        return TokenizerOutput(
+            reconstruction=recon,
+            indices=self._grid(q.indices),
+            loss=recon_loss + q.codebook_loss + q.commit_loss,
+            recon_loss=recon_loss,
+            codebook_loss=q.codebook_loss,
+            commit_loss=q.commit_loss,
+            metrics=q.metrics,
+        )
+
+    # -- persistence -----------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        config: Any = None,
+        repo_id: str | None = None,
+        push_to_hub: bool = False,
+        model_card_kwargs: dict[str, Any] | None = None,
+        **push_to_hub_kwargs: Any,
+    ) -> str | None:
+        """Atomically write `config.json`, `model.safetensors` and a model card into `save_directory`.
+
+        `config` is accepted for `PyTorchModelHubMixin.push_to_hub` compatibility and ignored:
+        the saved config is always `self.config`.
+        """
+        extra = (model_card_kwargs or {}).get("extra", "")
+        card = hub.model_card(self.config, repo_id=repo_id, extra=extra)
+        hub.save_folder(self, self.config, save_directory, card=card)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or Path(save_directory).name, **push_to_hub_kwargs)
+        return None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        force_download: bool = False,
+        map_location: str | torch.device = "cpu",
+        **kwargs: Any,
+    ) -> ViTVQTokenizer:
+        """Load a tokenizer from a local folder or a Hub repo id, strictly and without unpickling.
+
+        Returns the model in eval mode.
+
+        Raises:
+            FileNotFoundError: a local-looking path that does not exist, or a folder without weights.
+            ValueError: a corrupted/truncated `model.safetensors`, or weights that do not match the config.
+        """
+        if kwargs:
+            raise TypeError(f"unexpected arguments for ViTVQTokenizer.from_pretrained: {sorted(kwargs)}")
+        cfg_path, weights_path = hub.resolve_files(
+            pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+            local_files_only=local_files_only, token=token, force_download=force_download,
+        )
+        config = hub.read_config(cfg_path)
+        model = cls(config)
+        hub.load_state_strict(model, hub.read_weights(weights_path), weights_path)
+        return model.to(map_location).eval()
+
+    @classmethod
+    def from_vit(cls, vit_name_or_path: str, config: ViTVQConfig | None = None, **hf_kwargs: Any) -> ViTVQTokenizer:
+        """A tokenizer whose encoder starts from a pretrained Hugging Face ViT (Hub id or folder).
+
+        The encoder width, depth, heads, MLP ratio and LayerNorm epsilon follow the checkpoint;
+        position embeddings are interpolated to `config.image_size // config.patch_size`.
+
+        Raises:
+            ValueError: when the checkpoint's patch size differs from `config.patch_size`.
+        """
+        from .convert_hf import config_from_hf, init_encoder_from_hf, load_hf_vit
+
+        hf_config, state = load_hf_vit(vit_name_or_path, **hf_kwargs)
+        model = cls(config_from_hf(hf_config, config or ViTVQConfig.from_preset("seed")))
+        init_encoder_from_hf(model.encoder, state)
+        return model
