@@ -64,9 +64,11 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("embed", init)
         else:
             self.embed = nn.Parameter(init)
-        # usage EMA (all modes) and sum EMA (EMA mode): a code starts as "one vector seen"
-        self.register_buffer("ema_count", torch.ones(K))
-        self.register_buffer("ema_sum", init.clone() if config.use_ema else torch.zeros(0))
+        # usage EMA (all modes) and sum EMA (EMA mode). They start at zero, so the first
+        # update_codebook() restarts every code the first batch left unused from encoder
+        # outputs: a cheap data-dependent init.
+        self.register_buffer("ema_count", torch.zeros(K))
+        self.register_buffer("ema_sum", torch.zeros(K, Dm) if config.use_ema else torch.zeros(0))
         self.register_buffer("initialized", torch.tensor(not config.kmeans_init))
         # scratch accumulators between updates
         self.register_buffer("acc_count", torch.zeros(K), persistent=False)
@@ -181,7 +183,9 @@ class VectorQuantizer(nn.Module):
             n = self.ema_count.sum()
             smoothed = (self.ema_count + cfg.ema_eps) / (n + cfg.codebook_size * cfg.ema_eps) * n
             new = self.ema_sum / smoothed.unsqueeze(1)
-            self.embed.copy_(F.normalize(new, dim=1) if cfg.l2_normalize else new)
+            used = self.ema_count > 0  # never-used codes keep their vector until restarted
+            new = F.normalize(new, dim=1) if cfg.l2_normalize else new
+            self.embed.copy_(torch.where(used.unsqueeze(1), new, self.embed))
         self.acc_count.zero_()
         self.acc_sum.zero_()
         self._restart_dead_codes()

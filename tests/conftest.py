@@ -1,0 +1,56 @@
+"""Shared fixtures: real photos shipped inside scikit-image / scikit-learn."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "cat")
+
+
+def load_photos() -> list[np.ndarray]:
+    """Real RGB photos as uint8 `[H, W, 3]` arrays (scikit-image's bundled data + scikit-learn's samples)."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = [getattr(skimage.data, name)() for name in PHOTO_NAMES]
+    photos += list(load_sample_images().images)
+    return [p[..., :3] for p in photos]
+
+
+def photo_crops(size: int, count: int, seed: int = 0) -> torch.Tensor:
+    """`count` float crops `[count, 3, size, size]` in [0, 1]: each photo downscaled, then a random crop."""
+    from vit_vq.preprocess import resize_center_crop, to_tensor
+
+    gen = torch.Generator().manual_seed(seed)
+    photos = load_photos()
+    out = []
+    for i in range(count):
+        img = resize_center_crop(to_tensor(photos[i % len(photos)]), size * 2)
+        top, left = (int(v) for v in torch.randint(0, size + 1, (2,), generator=gen))
+        out.append(img[:, top : top + size, left : left + size])
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[np.ndarray]:
+    return load_photos()
+
+
+@pytest.fixture
+def photo_dir(tmp_path, photos):
+    """A folder of real photos as PNG files (some in a subfolder)."""
+    from PIL import Image
+
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    for i, p in enumerate(photos[:6]):
+        folder = root / "sub" if i % 2 else root
+        Image.fromarray(p).resize((96, 96)).save(folder / f"photo{i}.png")
+    return root
