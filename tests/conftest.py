@@ -54,3 +54,15 @@ def photo_dir(tmp_path, photos):
         folder = root / "sub" if i % 2 else root
         Image.fromarray(p).resize((96, 96)).save(folder / f"photo{i}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """A randomly initialised `tiny`-preset tokenizer (32 px, 8x8 codes, 256 codes) saved to a folder."""
+    from vit_vq import ViTVQConfig, ViTVQTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_tokenizer")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ViTVQTokenizer(ViTVQConfig.from_preset("tiny")).save_pretrained(folder)
+    return folder

@@ -22,7 +22,7 @@ def to_tensor(image: Any) -> torch.Tensor:
             image = image[:, :, None]
         if image.ndim != 3:
             raise ValueError(f"expected a numpy image [H, W] or [H, W, C], got shape {image.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # (C, H, W)
+        t = torch.from_numpy(np.array(image, order="C")).permute(2, 0, 1)  # (C, H, W)
     elif isinstance(image, torch.Tensor):
         t = image.unsqueeze(0) if image.ndim == 2 else image
         if t.ndim != 3:

@@ -96,7 +96,7 @@ class VectorQuantizer(nn.Module):
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
         """Nearest-code indices for prepared latents `[..., D]` -> int64 `[...]`."""
         flat = z.reshape(-1, z.shape[-1])
-        return nearest_code(flat, self.codebook(), metric=self.metric).view(z.shape[:-1])
+        return nearest_code(flat.detach(), self.codebook().detach(), metric=self.metric).view(z.shape[:-1])
 
     def embed_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Code vectors for int64 indices `[...]` -> float32 `[..., D]`."""
@@ -111,8 +111,9 @@ class VectorQuantizer(nn.Module):
             flat = z.reshape(-1, z.shape[-1])  # (N, D)
             if self.training:
                 self._observe(flat.detach())
-            idx = nearest_code(flat.detach(), self.codebook(), metric=self.metric)  # (N,)
-            e = F.embedding(idx, self.codebook())  # (N, D)
+            codebook = self.codebook()  # (K, D) float32
+            idx = nearest_code(flat.detach(), codebook.detach(), metric=self.metric)  # (N,)
+            e = F.embedding(idx, codebook)  # (N, D)
             codebook_loss = F.mse_loss(e, flat.detach())
             commit_loss = self.config.commitment_beta * F.mse_loss(flat, e.detach())
             quantized = flat + (e - flat).detach()  # straight-through

@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from vit_vq import PRESETS, ViTVQConfig, __version__
+from vit_vq.config import FORMAT_VERSION
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_build_and_round_trip_through_json(name):
+    cfg = ViTVQConfig.from_preset(name)
+    data = json.loads(cfg.to_json())
+    assert data["format_version"] == FORMAT_VERSION and data["vit_vq_version"] == __version__
+    assert ViTVQConfig.from_dict(data) == cfg
+
+
+def test_preset_geometry_matches_the_recipes():
+    small, seed = ViTVQConfig.from_preset("small"), ViTVQConfig.from_preset("seed")
+    assert (small.image_size, small.patch_size, small.grid_size) == (256, 8, 32)
+    assert (small.codebook_size, small.codebook_dim, small.l2_normalize) == (8192, 32, True)
+    assert (seed.image_size, seed.patch_size, seed.grid_size, seed.codebook_size, seed.codebook_dim) == (224, 16, 14, 1024, 512)
+    assert ViTVQConfig.from_preset("tiny").perceptual_weight == 0
+
+
+def test_every_field_has_a_default():
+    assert ViTVQConfig() == ViTVQConfig()
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ValueError, match=r"unknown preset 'huge'.*'base'.*'seed'.*'small'.*'tiny'"):
+        ViTVQConfig.from_preset("huge")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(image_size=30, patch_size=4), r"image_size \(30\) must be a multiple of patch_size \(4\)"),
+        (dict(encoder_width=30, encoder_heads=4), r"encoder_width \(30\) must be divisible by encoder_heads \(4\)"),
+        (dict(decoder_width=30, decoder_heads=4), r"decoder_width \(30\) must be divisible"),
+        (dict(ema_decay=1.0), r"ema_decay must be in \(0, 1\)"),
+        (dict(codebook_size=0), r"codebook_size must be a positive int, got 0"),
+        (dict(pixel_convention="rgb"), r"pixel_convention must be one of"),
+        (dict(commitment_beta=-1.0), r"commitment_beta must be >= 0"),
+    ],
+)
+def test_impossible_combinations_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ViTVQConfig(**kwargs)
+
+
+def test_from_dict_rejects_unknown_keys_and_newer_formats():
+    data = ViTVQConfig().to_dict()
+    with pytest.raises(ValueError, match=r"unknown ViTVQConfig keys \['bogus'\]"):
+        ViTVQConfig.from_dict({**data, "bogus": 1})
+    with pytest.raises(ValueError, match="newer than this vit_vq reads"):
+        ViTVQConfig.from_dict({**data, "format_version": FORMAT_VERSION + 1})
+
+
+def test_config_hash_tracks_architecture_only():
+    a, b = ViTVQConfig.from_preset("tiny"), ViTVQConfig.from_preset("tiny")
+    assert a.config_hash() == b.config_hash()
+    assert a.config_hash() != ViTVQConfig.from_preset("tiny", codebook_size=512).config_hash()

@@ -1,0 +1,165 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vit_vq import VectorQuantizer, ViTVQConfig, ViTVQTokenizer
+
+
+def make(auto_update=False, **overrides):
+    base = dict(codebook_size=32, codebook_dim=4, l2_normalize=False)
+    return VectorQuantizer(ViTVQConfig.from_preset("tiny", **{**base, **overrides}), auto_update=auto_update).train()
+
+
+def test_ema_codebook_moves_without_an_optimizer_and_is_not_a_parameter():
+    torch.manual_seed(0)
+    tok = ViTVQTokenizer(ViTVQConfig.from_preset("tiny")).train()
+    params = dict(tok.named_parameters())
+    buffers = dict(tok.named_buffers())
+    assert not any(name.startswith("quantizer.") for name in params)
+    for name in ("quantizer.embed", "quantizer.ema_count", "quantizer.ema_sum"):
+        assert name in buffers
+    opt = torch.optim.Adam(tok.parameters())
+    held = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert not held & {id(b) for b in tok.quantizer.buffers()}
+    before = tok.quantizer.embed.clone()
+    tok(torch.rand(4, 3, 32, 32))  # auto_update applies the EMA; no optimizer step
+    assert not torch.equal(before, tok.quantizer.embed)
+
+
+def test_learnable_codebook_is_a_parameter_when_ema_is_off():
+    q = make(use_ema=False)
+    assert "embed" in dict(q.named_parameters())
+
+
+def test_ema_update_matches_a_float64_reference():
+    q = make(ema_decay=0.9, l2_normalize=True)
+    z = torch.randn(50, 4)
+    q(z)
+    idx = q.acc_count.clone(), q.acc_sum.clone()
+    counts, sums = (t.double() for t in idx)
+    cfg = q.config
+    ema_count = 0.1 * counts
+    ema_sum = 0.1 * sums
+    n = ema_count.sum()
+    smoothed = (ema_count + cfg.ema_eps) / (n + cfg.codebook_size * cfg.ema_eps) * n
+    expected = F.normalize(ema_sum / smoothed[:, None], dim=1)
+    used = counts > 0
+    torch.manual_seed(0)
+    q.update_codebook()
+    torch.testing.assert_close(q.embed[used].double(), expected[used], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(q.ema_count[used].double(), ema_count[used])
+
+
+def test_dead_codes_are_restarted_from_recent_encoder_outputs():
+    torch.manual_seed(0)
+    q = make()
+    z = torch.randn(64, 4) * 0.1 + 10.0  # far from every initial code: a few codes win
+    out = q(z)
+    used_before = int(out.indices.unique().numel())
+    assert used_before < q.config.codebook_size // 2
+    dead = q.acc_count == 0
+    q.update_codebook()
+    assert not bool(q.dead_mask().any())
+    # every revived code is one of the encoder outputs it saw
+    revived = q.embed[dead]
+    dist = torch.cdist(revived.double(), z.double())
+    assert float(dist.min(dim=1).values.max()) < 1e-6
+    used_after = int(q(z).indices.unique().numel())
+    assert used_after > 2 * used_before
+
+
+def test_accumulating_forwards_then_one_update_equals_one_big_batch():
+    torch.manual_seed(0)
+    q1 = make(ema_decay=0.8)
+    q2 = copy.deepcopy(q1)
+    z1, z2 = torch.randn(40, 4), torch.randn(24, 4)
+    q1(z1)
+    q1(z2)
+    q2(torch.cat([z1, z2]))
+    torch.manual_seed(1)
+    q1.update_codebook()
+    torch.manual_seed(1)
+    q2.update_codebook()
+    for name in ("embed", "ema_count", "ema_sum"):
+        torch.testing.assert_close(getattr(q1, name), getattr(q2, name), rtol=1e-6, atol=1e-6)
+
+
+def test_auto_update_off_leaves_the_codebook_until_update_codebook():
+    q = make()
+    before = q.embed.clone()
+    q(torch.randn(16, 4))
+    assert torch.equal(before, q.embed)
+    q.update_codebook()
+    assert not torch.equal(before, q.embed)
+
+
+def test_eval_mode_accumulates_nothing():
+    q = make(auto_update=True).eval()
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    q(torch.randn(16, 4))
+    assert all(torch.equal(v, q.state_dict()[k]) for k, v in state.items())
+    assert float(q.acc_count.sum()) == 0
+
+
+def test_losses_and_straight_through_gradients():
+    q = make(use_ema=False, commitment_beta=0.25)
+    z = torch.randn(10, 4, requires_grad=True)
+    out = q(z)
+    e = q.embed.detach()[out.indices]
+    zd = z.detach().double()
+    torch.testing.assert_close(out.codebook_loss.double(), ((e.double() - zd) ** 2).mean())
+    torch.testing.assert_close(out.commit_loss.double(), 0.25 * ((zd - e.double()) ** 2).mean())
+    # codebook term moves only the codebook; commitment only the encoder output
+    (gz,) = torch.autograd.grad(out.codebook_loss, z, retain_graph=True, allow_unused=True)
+    assert gz is None or float(gz.abs().sum()) == 0
+    (ge,) = torch.autograd.grad(out.codebook_loss, q.embed, retain_graph=True)
+    assert float(ge.abs().sum()) > 0
+    (ge2,) = torch.autograd.grad(out.commit_loss, q.embed, retain_graph=True, allow_unused=True)
+    assert ge2 is None or float(ge2.abs().sum()) == 0
+    # straight-through: d(sum(w * quantized)) / dz == w
+    w = torch.randn(10, 4)
+    (gst,) = torch.autograd.grad((w * out.quantized).sum(), z)
+    torch.testing.assert_close(gst, w)
+
+
+def test_codebook_math_is_fp32_under_bf16_autocast():
+    q = make()
+    z = torch.randn(20, 4)
+    ref = q(z).indices
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(z)
+    assert out.quantized.dtype == torch.float32 and out.commit_loss.dtype == torch.float32
+    assert torch.equal(out.indices, ref)
+
+
+def test_metrics_match_an_independent_computation():
+    q = make(codebook_size=16)
+    out = q(torch.randn(200, 4))
+    idx = out.indices.numpy()
+    p = np.bincount(idx, minlength=16) / idx.size
+    nz = p[p > 0]
+    assert float(out.metrics["perplexity"]) == pytest.approx(np.exp(-(nz * np.log(nz)).sum()), rel=1e-5)
+    assert float(out.metrics["usage"]) == pytest.approx(len(np.unique(idx)) / 16)
+
+
+def test_kmeans_init_waits_for_enough_vectors_and_survives_reload():
+    torch.manual_seed(0)
+    q = make(auto_update=True, kmeans_init=True, codebook_size=64, l2_normalize=True, use_ema=False)
+    batches = [torch.randn(16, 4) for _ in range(4)]
+    for b in batches[:3]:
+        q(b)  # 48 < 64 vectors: not yet
+        assert not bool(q.initialized)
+    q(batches[3])
+    assert bool(q.initialized)
+    # with exactly K samples every sample is its own center
+    samples = F.normalize(torch.cat(batches), dim=1)
+    dist = torch.cdist(q.embed.detach().double(), samples.double())
+    assert float(dist.min(dim=1).values.max()) < 1e-5
+    fresh = make(auto_update=True, kmeans_init=True, codebook_size=64, l2_normalize=True, use_ema=False)
+    fresh.load_state_dict(q.state_dict())
+    assert bool(fresh.initialized)
+    fresh(torch.randn(100, 4))
+    assert fresh._kmeans_samples == []

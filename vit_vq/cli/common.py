@@ -1,0 +1,215 @@
+"""Pieces shared by the `encode`, `decode`, `reconstruct`, `tokenize` and `eval` subcommands.
+
+Model options (`--model`, `--revision`, `--device`, `--precision`, `--compile`), the
+resize policy, batch loading with a progress bar, and PNG writing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..pipeline.runtime import ModelInfo, load_tokenizer, prepare_for_inference
+from ..pipeline.sources import RESIZE_MODES, FileImages, ModelSizedImages, collate_sized, resize_notice
+from ..tokenizer import ViTVQTokenizer
+from .main import CLIError
+
+NO_DEFAULT = "no default tokenizer is bundled yet; pass --model <hub id or folder>"
+HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[\w.-]+)?")
+
+
+# -- arguments ------------------------------------------------------------------------
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """`--model`, `--revision`, `--device`, `--precision`, `--compile`, `--batch-size`, `--num-workers`."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", "-m", default=None, help="Hub id or local folder of a tokenizer (default: the built-in one)")
+    g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
+    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    g.add_argument(
+        "--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+        help="encoder/decoder compute dtype; the codebook lookup stays fp32 (auto: bf16 on CUDA, fp32 on CPU)",
+    )
+    g.add_argument("--compile", action="store_true", help="torch.compile encoder and decoder (slow start, fast after)")
+    g.add_argument("--batch-size", "-b", type=positive_int, default=64, help="images per forward pass (default 64)")
+    g.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes (default 2; 0 = in-process)")
+
+
+def add_resize_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resize", choices=RESIZE_MODES, default="crop",
+        help="images not at the model's resolution: crop = resize the short side and center-crop (default); none = reject",
+    )
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+# -- model ----------------------------------------------------------------------------
+def load_model(name: str | None, revision: str | None = None) -> ViTVQTokenizer:
+    """The tokenizer named by `--model`, or the built-in default when `name` is None.
+
+    Raises:
+        CLIError: no `--model` and no bundled default, or a Hub id that cannot be fetched.
+        FileNotFoundError / ValueError: a missing local folder, one without weights, bad weights.
+    """
+    if name is None:
+        default = getattr(ViTVQTokenizer, "default", None)
+        if default is None:
+            raise CLIError(NO_DEFAULT)
+        return default()
+    try:
+        return load_tokenizer(name, revision=revision)
+    except (ValueError, TypeError):
+        raise
+    except Exception as err:  # Hub/network errors come in many types; one clear line for all
+        if Path(name).expanduser().exists() or not HUB_ID.fullmatch(name):
+            raise
+        raise CLIError(
+            f"could not load tokenizer {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}); "
+            "check the id, your connection, or pass a local folder"
+        ) from err
+
+
+def model_id(name: str | None) -> str:
+    """What codes record as the model: a local folder's absolute path, a Hub id, or `default`."""
+    if name is None:
+        return "default"
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
+def setup_model(args: argparse.Namespace, name: str | None = None) -> tuple[ViTVQTokenizer, ModelInfo]:
+    """Load (`name` or `args.model`), move, cast and optionally compile the tokenizer."""
+    name = name if name is not None else args.model
+    tok = load_model(name, args.revision)
+    return prepare_for_inference(
+        tok, model_id=model_id(name), revision=args.revision, device=args.device,
+        precision=args.precision, compile=args.compile,
+    )
+
+
+def device_of(tok: ViTVQTokenizer) -> torch.device:
+    return next(tok.parameters()).device
+
+
+# -- images in --------------------------------------------------------------------------
+def loader(dataset: Dataset, args: argparse.Namespace, device: torch.device) -> DataLoader:
+    """Batches of `collate_sized` dicts, in order."""
+    return DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+        collate_fn=collate_sized, pin_memory=device.type == "cuda",
+    )
+
+
+def progress(iterable: Any, total: int, desc: str) -> Any:
+    """A tqdm bar on stderr counting images (updated by the caller)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
+
+
+def strict_image_batches(
+    paths: list[str], tok: ViTVQTokenizer, args: argparse.Namespace, desc: str
+) -> Iterator[dict[str, Any]]:
+    """Batches of the named images (files or folders) at the model's resolution.
+
+    Every image must be readable (and of the model's size under `--resize none`).
+    Prints the resize notice at the end.
+
+    Raises:
+        CLIError: an unreadable image, or a wrong-size one under `--resize none`.
+        FileNotFoundError: a missing path.
+    """
+    size = tok.config.image_size
+    dataset = ModelSizedImages(FileImages(paths), size, args.resize)
+    resized = 0
+    bar = progress(None, len(dataset), desc)
+    try:
+        for batch in loader(dataset, args, device_of(tok)):
+            if batch["skipped"]:
+                bad = batch["skipped"][0]
+                more = f" (and {len(batch['skipped']) - 1} more in this batch)" if len(batch["skipped"]) > 1 else ""
+                raise CLIError(f"{bad['reason']}{more}")
+            resized += batch["resized"]
+            bar.update(len(batch["keys"]))
+            yield batch
+    finally:
+        bar.close()
+    notice = resize_notice(resized, len(dataset), size)
+    if notice:
+        print(notice, file=sys.stderr)
+
+
+# -- images out -------------------------------------------------------------------------
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float `[..., 3, H, W]` in [0, 1] -> uint8 `[..., H, W, 3]` on the CPU (round to nearest)."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1).cpu()
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> Path:
+    """Write float `[3, H, W]` in [0, 1] as an 8-bit RGB PNG (parent folders created)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8(image).numpy()).save(path, format="PNG")
+    return path
+
+
+def image_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
+    """Rows of images, each float `[n, 3, H, W]` (n may shrink in the last rows) -> one `[3, H', W']` on white."""
+    if not rows or not len(rows[0]):
+        raise ValueError("image_grid needs at least one image")
+    _, C, H, W = rows[0].shape
+    cols = max(len(r) for r in rows)
+    grid = torch.ones(C, len(rows) * (H + pad) + pad, cols * (W + pad) + pad)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            top, left = pad + i * (H + pad), pad + j * (W + pad)
+            grid[:, top : top + H, left : left + W] = img.detach().float().cpu()
+    return grid
+
+
+def output_names(names: list[str], suffix: str = ".png") -> list[Path]:
+    """Relative output paths for image names: the name with `suffix`, no `..` or absolute parts, de-duplicated."""
+    used: set[Path] = set()
+    out = []
+    for name in names:
+        p = Path(name)
+        rel = p if not p.is_absolute() and ".." not in p.parts else Path(p.name)
+        rel = rel.with_suffix(suffix)
+        candidate, k = rel, 1
+        while candidate in used:
+            candidate = rel.with_name(f"{rel.stem}-{k}{suffix}")
+            k += 1
+        used.add(candidate)
+        out.append(candidate)
+    return out
+
+
+__all__ = [
+    "NO_DEFAULT",
+    "add_model_args",
+    "add_resize_arg",
+    "load_model",
+    "model_id",
+    "setup_model",
+    "loader",
+    "progress",
+    "strict_image_batches",
+    "to_uint8",
+    "save_png",
+    "image_grid",
+    "output_names",
+]

@@ -1,0 +1,54 @@
+"""`vit-vq encode IMGS_OR_DIR... -o codes.safetensors`: images -> one codes file.
+
+The codes file holds the code grids with the image names, the grid shape, the model id,
+revision and config hash, and the lookup backend and precision (see
+`vit_vq.pipeline.codes`). `vit-vq decode` turns it back into images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ..pipeline.codes import save_codes
+from .common import add_model_args, add_resize_arg, device_of, setup_model, strict_image_batches
+from .main import CLIError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "encode", help="encode images into a codes file",
+        description="Encode image files (or folders of images) into one .safetensors codes file.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="IMGS_OR_DIR", help="image files and/or folders (searched recursively)")
+    p.add_argument("-o", "--output", required=True, help="the codes file to write (.safetensors)")
+    add_model_args(p)
+    add_resize_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.output).expanduser()
+    if out.suffix != ".safetensors":
+        raise CLIError(f"-o {args.output}: the codes file must end in .safetensors")
+    if out.is_dir():
+        raise CLIError(f"-o {args.output} is a folder; name a .safetensors file")
+    tok, info = setup_model(args)
+    device = device_of(tok)
+    codes, names = [], []
+    for batch in strict_image_batches(args.inputs, tok, args, desc="encode"):
+        codes.append(tok.encode(batch["pixels"].to(device, non_blocking=True)).cpu())  # (b, h, w)
+        names += batch["keys"]
+    all_codes = torch.cat(codes)  # (N, h, w)
+    cfg = tok.config
+    save_codes(out, all_codes, names, info=info, codebook_size=cfg.codebook_size, image_size=cfg.image_size)
+    print(
+        f"wrote {len(names)} code grids of {cfg.grid_size}x{cfg.grid_size} to {out} "
+        f"(model {info.model_id}, config {info.config_hash}, {info.precision}, "
+        f"lookup {info.lookup_backend}/{info.lookup_precision})",
+        file=sys.stderr,
+    )
+    return 0

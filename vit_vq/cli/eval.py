@@ -1,0 +1,173 @@
+"""`vit-vq eval --data PATH [--json FILE]`: how well a tokenizer reconstructs a data set.
+
+Reports, over every readable image at the model's resolution (in [0, 1]):
+- `psnr` (dB) and `ssim`: per-image values, averaged;
+- `codebook_usage`: the fraction of codes used at least once over the whole set;
+- `perplexity`: `exp` of the entropy of the code frequencies over the whole set;
+- `images` and `images_per_second` (encode + decode time on the device; the first batch
+  is left out of the timing when there are several, so compilation is not counted);
+- `lpips` and `rfid`, only when their network weights are available locally.
+
+`--json` writes exactly those keys (the optional two only when computed). A PNG grid of
+originals above their reconstructions is written too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import open_image_source
+from ..metrics import (
+    CodebookUsage,
+    FeatureStatistics,
+    InceptionFeatures,
+    MeanAccumulator,
+    MetricUnavailable,
+    frechet_distance,
+    lpips_network,
+    psnr,
+    ssim,
+)
+from ..pipeline.runtime import synchronize
+from ..pipeline.sources import ModelSizedImages, resize_notice
+from .common import add_model_args, add_resize_arg, device_of, image_grid, loader, positive_int, progress, save_png, setup_model
+from .main import CLIError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="evaluate reconstructions: PSNR, SSIM, codebook usage, perplexity, speed",
+        description="Evaluate a tokenizer on an image folder or a `datasets` data set.",
+    )
+    p.add_argument("--data", required=True, help="image folder, saved `datasets` folder, or Hub dataset name")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the metrics as JSON here")
+    p.add_argument("--grid", default=None, metavar="PNG", help="grid PNG (default: beside --json, else ./eval_grid.png)")
+    p.add_argument("--grid-images", type=positive_int, default=16, help="images in the grid (default 16)")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N inputs")
+    p.add_argument("--split", default="train", help="`datasets` split (default train)")
+    p.add_argument("--image-column", default="image", help="`datasets` image column (default image)")
+    p.add_argument("--inception-weights", default=None, metavar="FILE", help="torchvision Inception-v3 weights for rFID")
+    p.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex", help="LPIPS backbone (default alex)")
+    add_model_args(p)
+    add_resize_arg(p)
+    p.set_defaults(func=run)
+
+
+def _optional_networks(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """LPIPS / Inception networks that can be built from local files; prints why others cannot."""
+    nets: dict[str, Any] = {}
+    builders = {"lpips": lambda: lpips_network(args.lpips_net), "rfid": lambda: InceptionFeatures(args.inception_weights)}
+    for key, build in builders.items():
+        try:
+            nets[key] = build().to(device)
+        except MetricUnavailable as err:
+            print(f"{key}: not computed ({err})", file=sys.stderr)
+    return nets
+
+
+def _throughput(timings: list[tuple[int, float]]) -> float:
+    """Images per second, leaving out the first (warm-up, compile) batch when there are several."""
+    steady = timings[1:] if len(timings) > 1 else timings
+    seconds = sum(t for _, t in steady)
+    return sum(n for n, _ in steady) / seconds if seconds > 0 else float("nan")
+
+
+def run(args: argparse.Namespace) -> int:
+    tok, info = setup_model(args)
+    device = device_of(tok)
+    cfg = tok.config
+    source = open_image_source(args.data, split=args.split, image_column=args.image_column)
+    indices = range(min(len(source), args.limit)) if args.limit else None
+    dataset = ModelSizedImages(source, cfg.image_size, args.resize, indices)
+    if len(dataset) == 0:
+        raise CLIError(f"{args.data!r} holds no images")
+    nets = _optional_networks(args, device)
+
+    psnr_acc, ssim_acc, lpips_acc = MeanAccumulator(), MeanAccumulator(), MeanAccumulator()
+    usage = CodebookUsage(cfg.codebook_size)
+    real_stats, fake_stats = FeatureStatistics(), FeatureStatistics()
+    originals: list[torch.Tensor] = []
+    recons: list[torch.Tensor] = []
+    skipped: list[dict[str, str]] = []
+    timings: list[tuple[int, float]] = []  # (images, seconds) per batch
+    resized = 0
+    bar = progress(None, len(dataset), "eval")
+    for batch in loader(dataset, args, device):
+        skipped += batch["skipped"]
+        bar.update(len(batch["keys"]) + len(batch["skipped"]))
+        if batch["pixels"] is None:
+            continue
+        resized += batch["resized"]
+        x = batch["pixels"].to(device, non_blocking=True).float()  # (b, 3, S, S) in [0, 1]
+        synchronize(device)
+        t0 = time.perf_counter()
+        codes = tok.encode(x)  # (b, h, w)
+        recon = tok.decode(codes).float()  # (b, 3, S, S)
+        synchronize(device)
+        timings.append((x.shape[0], time.perf_counter() - t0))
+        psnr_acc.update(psnr(recon, x))
+        ssim_acc.update(ssim(recon, x))
+        usage.update(codes)
+        if "lpips" in nets:
+            with torch.inference_mode():
+                lpips_acc.update(nets["lpips"](x * 2 - 1, recon * 2 - 1).flatten())
+        if "rfid" in nets:
+            real_stats.update(nets["rfid"](x))
+            fake_stats.update(nets["rfid"](recon))
+        if sum(len(o) for o in originals) < args.grid_images:
+            take = args.grid_images - sum(len(o) for o in originals)
+            originals.append(x[:take].cpu())
+            recons.append(recon[:take].cpu())
+    bar.close()
+    if psnr_acc.count == 0:
+        raise CLIError(f"no readable images in {args.data!r}: {skipped[0]['reason'] if skipped else 'empty'}")
+
+    metrics: dict[str, Any] = {
+        "psnr": psnr_acc.mean,
+        "ssim": ssim_acc.mean,
+        "codebook_usage": usage.usage,
+        "perplexity": usage.perplexity,
+        "images": psnr_acc.count,
+        "images_per_second": _throughput(timings),
+    }
+    if "lpips" in nets:
+        metrics["lpips"] = lpips_acc.mean
+    if "rfid" in nets:
+        if real_stats.n < 2:
+            print("rfid: not computed (needs at least 2 images)", file=sys.stderr)
+        else:
+            metrics["rfid"] = frechet_distance(*real_stats.mean_cov(), *fake_stats.mean_cov())
+            if real_stats.n < 2048:
+                print(f"rfid: only {real_stats.n} images; FID is biased upward below ~10k images", file=sys.stderr)
+
+    grid_path = Path(args.grid) if args.grid else (Path(args.json).with_suffix(".png") if args.json else Path("eval_grid.png"))
+    per_row = max(1, min(8, args.grid_images))
+    o, r = torch.cat(originals), torch.cat(recons)
+    rows = [t[i : i + per_row] for i in range(0, len(o), per_row) for t in (o, r)]
+    save_png(image_grid(rows), grid_path)
+    if args.json:
+        Path(args.json).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).expanduser().write_text(json.dumps(metrics, indent=2) + "\n")
+
+    notice = resize_notice(resized, psnr_acc.count, cfg.image_size)
+    if notice:
+        print(notice, file=sys.stderr)
+    for item in skipped[:10]:
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    print(f"model {info.model_id} (config {info.config_hash}, {info.precision}) on {psnr_acc.count} images of {args.data}")
+    for key, label, fmt in (
+        ("psnr", "PSNR (dB)", "{:.3f}"), ("ssim", "SSIM", "{:.4f}"), ("codebook_usage", "codebook usage", "{:.2%}"),
+        ("perplexity", "perplexity", "{:.1f}"), ("images_per_second", "images/s", "{:.1f}"),
+        ("lpips", "LPIPS", "{:.4f}"), ("rfid", "rFID", "{:.2f}"),
+    ):
+        if key in metrics:
+            print(f"  {label:<16}{fmt.format(metrics[key])}")
+    print(f"reconstruction grid (originals above reconstructions): {grid_path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,64 @@
+"""`vit-vq tokenize --data PATH --out DIR`: pre-tokenize a data set into resumable shards.
+
+Input: an image folder, a folder saved by `datasets` (`save_to_disk`), or a Hub dataset.
+Output: `codes-00000.safetensors` (or `.npy`) shards with their JSON records, and
+`manifest.json`. Re-running skips finished shards. For several GPUs or machines, launch
+with `torchrun --nproc_per_node N -m vit_vq.cli.main tokenize ...` or `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..pipeline.runtime import pick_device
+from ..pipeline.shards import SHARD_FORMATS
+from ..pipeline.sources import resize_notice
+from ..pipeline.tokenize import TokenizeOptions, distributed, tokenize_dataset
+from .common import add_model_args, add_resize_arg, positive_int, setup_model
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "tokenize", help="pre-tokenize a data set into shards for a generative model",
+        description="Code every image of a folder or a `datasets` data set into sharded files plus manifest.json.",
+    )
+    p.add_argument("--data", required=True, help="image folder, saved `datasets` folder, or Hub dataset name")
+    p.add_argument("--out", required=True, help="output folder (created; re-running resumes)")
+    p.add_argument("--format", choices=SHARD_FORMATS, default="safetensors", help="shard file format (default safetensors)")
+    p.add_argument("--shard-size", type=positive_int, default=4096, help="input images per shard (default 4096)")
+    p.add_argument("--split", default="train", help="`datasets` split (default train)")
+    p.add_argument("--image-column", default="image", help="`datasets` image column (default image)")
+    p.add_argument("--label-column", default=None, help="`datasets` label column to store beside the codes")
+    p.add_argument("--overwrite", action="store_true", help="replace shards made by a different run instead of refusing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_args(p)
+    add_resize_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = TokenizeOptions(
+        data=args.data, out=args.out, shard_size=args.shard_size, batch_size=args.batch_size, fmt=args.format,
+        resize=args.resize, split=args.split, image_column=args.image_column, label_column=args.label_column,
+        num_workers=args.num_workers, overwrite=args.overwrite,
+    )
+    with distributed(pick_device(args.device)) as (rank, world):
+        tok, info = setup_model(args)
+        result = tokenize_dataset(tok, info, opts, rank=rank, world_size=world, progress=not args.no_progress)
+    if result.manifest is None:
+        return 0
+    m = result.manifest
+    print(
+        f"coded {m['num_images']} of {m['num_inputs']} inputs into {len(m['shards'])} shards in {args.out} "
+        f"({len(result.written)} written, {len(result.reused)} already complete; {world} process(es))",
+        file=sys.stderr,
+    )
+    notice = resize_notice(m["num_resized"], m["num_images"], m["image_size"])
+    if notice:
+        print(notice, file=sys.stderr)
+    for item in m["skipped"][:10]:
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    if m["num_skipped"] > 10:
+        print(f"... and {m['num_skipped'] - 10} more skipped (see manifest.json)", file=sys.stderr)
+    return 0

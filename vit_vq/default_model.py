@@ -1,0 +1,64 @@
+"""The tokenizer that ships inside the package, and the held-out photos that show it off.
+
+`load_default()` reads `vit_vq/assets/default/` (`config.json`, `model.safetensors`, a
+model card) through `ViTVQTokenizer.from_pretrained(<that folder>)`: no Hub id is
+involved, so it works with no network. `sample_photos()` lists the bundled demo photos
+(never seen in training; public domain, CC0 or CC-BY, credited in `samples/CREDITS.md`).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .tokenizer import ViTVQTokenizer
+
+DEFAULT_DIR = ("assets", "default")
+SAMPLES_DIR = ("assets", "samples")
+SAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _asset(parts: tuple[str, ...], what: str) -> Path:
+    """A folder inside the installed package (vit_vq installs as plain files, never zipped)."""
+    path = Path(str(resources.files("vit_vq").joinpath(*parts)))
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} is missing ({path}); reinstall vit_vq from a wheel or sdist")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The folder that holds the packaged tokenizer: `config.json`, `model.safetensors`, `README.md`.
+
+    Raises:
+        FileNotFoundError: the package was installed without its assets.
+    """
+    return _asset(DEFAULT_DIR, "the packaged default tokenizer")
+
+
+def load_default(map_location: str | torch.device = "cpu") -> ViTVQTokenizer:
+    """The packaged default tokenizer, in eval mode, on `map_location`. Never uses the network.
+
+    Raises:
+        FileNotFoundError: the package was installed without its assets.
+    """
+    return ViTVQTokenizer.from_pretrained(default_model_dir(), map_location=map_location)
+
+
+def model_card() -> str:
+    """The packaged model card (Markdown): data, training, held-out scores."""
+    return (default_model_dir() / "README.md").read_text(encoding="utf-8")
+
+
+def sample_photos() -> list[Path]:
+    """The bundled held-out demo photos (JPEGs, short side 256 px), sorted by name.
+
+    Raises:
+        FileNotFoundError: the package was installed without its assets.
+    """
+    folder = _asset(SAMPLES_DIR, "the bundled sample photos")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in SAMPLE_SUFFIXES)
+
+
+__all__ = ["load_default", "default_model_dir", "model_card", "sample_photos"]

@@ -1,0 +1,164 @@
+"""`manifest.json` of a tokenized data set: what made the codes, the counts, and the shards.
+
+Written once by rank 0 after every shard is complete. Keys:
+
+    format, format_version, vit_vq_version
+    model, revision, config_hash          the tokenizer (Hub id or folder, commit, config hash)
+    lookup_backend, lookup_precision      how nearest codes were searched
+    precision                             encoder compute dtype
+    codebook_size, image_size, grid, codes_dtype, shard_format, shard_size, world_size
+    data                                  the input (path, split, columns) and resize mode
+    num_inputs                            items in the input (readable or not)
+    num_images                            images coded (= readable inputs)
+    num_resized                           of which resized to the model's resolution
+    skipped                               [{path, reason}] for every unreadable input
+    shards                                [{index, file, sha256, files, checksums, record,
+                                            start, stop, num_images, num_skipped}]
+
+`num_images + len(skipped) == num_inputs` always holds: no image is lost or counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .codes import atomic_write_json, sha256_file
+from .runtime import ModelInfo
+from .shards import read_shard
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "vit_vq.tokenized"
+MANIFEST_FORMAT_VERSION = 1
+
+
+def build_manifest(
+    records: list[dict[str, Any]],
+    *,
+    info: ModelInfo,
+    num_inputs: int,
+    codebook_size: int,
+    image_size: int,
+    grid: tuple[int, int],
+    codes_dtype: str,
+    shard_format: str,
+    shard_size: int,
+    world_size: int,
+    data: dict[str, Any],
+) -> dict[str, Any]:
+    """Combine the shard records (any order) into a manifest.
+
+    Raises:
+        RuntimeError: the records do not cover `[0, num_inputs)` exactly once, or the counts
+            do not add up (an image lost or coded twice).
+    """
+    from .. import __version__
+
+    records = sorted(records, key=lambda r: r["index"])
+    covered = [(r["start"], r["stop"]) for r in records]
+    expected_start = 0
+    for start, stop in covered:
+        if start != expected_start:
+            raise RuntimeError(f"shard records do not tile the input: expected a shard at item {expected_start}, got {start}")
+        expected_start = stop
+    if expected_start != num_inputs:
+        raise RuntimeError(f"shard records cover {expected_start} of {num_inputs} input items")
+    skipped = [s for r in records for s in r["skipped"]]
+    num_images = sum(r["num_images"] for r in records)
+    if num_images + len(skipped) != num_inputs:
+        raise RuntimeError(f"{num_images} coded + {len(skipped)} skipped != {num_inputs} input items")
+    shards = []
+    for r in records:
+        main = r["files"]["codes"]
+        shards.append(
+            {
+                "index": r["index"],
+                "file": main,
+                "sha256": r["sha256"][main],
+                "files": r["files"],
+                "checksums": r["sha256"],
+                "record": f"{Path(main).name.split('.')[0]}.json",
+                "start": r["start"],
+                "stop": r["stop"],
+                "num_images": r["num_images"],
+                "num_skipped": len(r["skipped"]),
+            }
+        )
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "vit_vq_version": __version__,
+        "model": info.model_id,
+        "revision": info.revision,
+        "config_hash": info.config_hash,
+        "lookup_backend": info.lookup_backend,
+        "lookup_precision": info.lookup_precision,
+        "precision": info.precision,
+        "codebook_size": codebook_size,
+        "image_size": image_size,
+        "grid": list(grid),
+        "codes_dtype": codes_dtype,
+        "shard_format": shard_format,
+        "shard_size": shard_size,
+        "world_size": world_size,
+        "data": data,
+        "num_inputs": num_inputs,
+        "num_images": num_images,
+        "num_resized": sum(r["num_resized"] for r in records),
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+        "shards": shards,
+    }
+
+
+def write_manifest(out: str | Path, manifest: dict[str, Any]) -> Path:
+    """Atomically write `out/manifest.json`."""
+    return atomic_write_json(Path(out) / MANIFEST_NAME, manifest)
+
+
+def load_manifest(out: str | Path) -> dict[str, Any]:
+    """Read `out/manifest.json`.
+
+    Raises:
+        FileNotFoundError: no manifest (the job has not finished).
+        ValueError: not a vit_vq manifest, or a newer format.
+    """
+    path = Path(out).expanduser() / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {str(out)!r}; has `vit-vq tokenize` finished there?")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path} is not a vit_vq tokenized-data manifest")
+    if manifest.get("format_version", 0) > MANIFEST_FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {manifest['format_version']}; upgrade vit_vq")
+    return manifest
+
+
+def verify_shards(out: str | Path, manifest: dict[str, Any] | None = None) -> list[str]:
+    """Re-hash every shard file; return one line per missing or changed file (empty when all match)."""
+    out = Path(out)
+    manifest = manifest or load_manifest(out)
+    problems = []
+    for shard in manifest["shards"]:
+        for name, digest in shard["checksums"].items():
+            path = out / name
+            if not path.is_file():
+                problems.append(f"{name}: missing")
+            elif sha256_file(path) != digest:
+                problems.append(f"{name}: checksum differs from the manifest")
+    return problems
+
+
+def iter_shards(out: str | Path, manifest: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """Yield every shard in order as `{"codes" [n, h, w] int64, "indices", "labels"?, "keys", "index"}`."""
+    out = Path(out)
+    manifest = manifest or load_manifest(out)
+    for shard in manifest["shards"]:
+        arrays = read_shard(out, shard["files"])
+        record = json.loads((out / shard["record"]).read_text())
+        yield {**arrays, "keys": record["keys"], "index": shard["index"]}
+
+
+__all__ = ["MANIFEST_NAME", "build_manifest", "write_manifest", "load_manifest", "verify_shards", "iter_shards"]

@@ -1,0 +1,143 @@
+"""`TokenizeBatch`: a picklable callable that codes a batch of images, for data engines.
+
+It plugs into `datasets.Dataset.map(batched=True)` and Ray Data's `map_batches` (as a
+callable class, so each actor loads the model once). The model is loaded lazily on
+the first call, and pickling drops the loaded copy: only the model id and settings
+travel to workers.
+
+Input batch: a dict of columns; `image_column` holds PIL images, numpy `[H, W, C]`
+arrays (or one `[B, H, W, C]` array), tensors `[C, H, W]`, file paths, or `datasets`
+`{"bytes", "path"}` dicts. Output: a dict with one row per input row:
+
+    codes   [B, h, w] in the smallest unsigned dtype for the codebook (zeros where not ok)
+    ok      [B] bool: the image was readable (and of the right size under resize="none")
+    error   [B] str: why not ("" when ok)
+    ...     plus any `passthrough` columns, copied unchanged (Ray replaces the batch; datasets merges)
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..preprocess import resize_center_crop, to_tensor
+from ..tokenizer import ViTVQTokenizer
+from .codes import smallest_uint_dtype, to_storage
+from .runtime import ModelInfo, load_tokenizer, prepare_for_inference
+from .sources import RESIZE_MODES, ResizeMode
+
+
+def _decode_image(value: Any) -> torch.Tensor:
+    """One cell of an image column -> float `[3, H, W]` in [0, 1]."""
+    from PIL import Image
+
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+        if source is None:
+            raise ValueError("image cell has neither bytes nor a path")
+        value = source
+    if isinstance(value, (str, Path, io.BytesIO)):
+        with Image.open(value) as im:
+            im.load()
+            return to_tensor(im)
+    return to_tensor(value)
+
+
+class TokenizeBatch:
+    """Code a batch of images; see the module docstring for the columns.
+
+    Args:
+        model: a Hub id or folder (loaded lazily on first call), or a `ViTVQTokenizer`.
+        image_column: the column with the images.
+        passthrough: columns copied to the output (e.g. `("path", "label")` under Ray).
+        revision: Hub revision. device: `"auto"`, `"cpu"`, `"cuda"`, ...
+        precision: `"auto"` (bf16 on CUDA, else fp32), `"fp32"`, `"bf16"`, `"fp16"`.
+        compile: `torch.compile` the encoder on first use.
+        resize: `"crop"` (resize short side + center crop) or `"none"` (other sizes -> `ok=False`).
+
+    Raises:
+        ValueError: an unknown `resize`; `KeyError` (on call) for a missing column.
+
+    Example:
+        >>> ds = ds.map(TokenizeBatch("org/tokenizer"), batched=True, batch_size=64)
+    """
+
+    def __init__(
+        self,
+        model: str | ViTVQTokenizer,
+        *,
+        image_column: str = "image",
+        passthrough: Sequence[str] = (),
+        revision: str | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        compile: bool = False,
+        resize: ResizeMode = "crop",
+    ) -> None:
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        self.model = model
+        self.image_column = image_column
+        self.passthrough = tuple(passthrough)
+        self.revision, self.device, self.precision, self.compile, self.resize = revision, device, precision, compile, resize
+        self._tok: ViTVQTokenizer | None = None
+        self._info: ModelInfo | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_tok"] = state["_info"] = None  # workers reload from `model`
+        return state
+
+    def _load(self) -> tuple[ViTVQTokenizer, ModelInfo]:
+        if self._tok is None:
+            if isinstance(self.model, ViTVQTokenizer):
+                tok, model_id = self.model, "<in-memory>"
+            else:
+                tok, model_id = load_tokenizer(str(self.model), revision=self.revision), str(self.model)
+            self._tok, self._info = prepare_for_inference(
+                tok, model_id=model_id, revision=self.revision, device=self.device,
+                precision=self.precision, compile=self.compile,
+            )
+        return self._tok, self._info  # type: ignore[return-value]
+
+    @property
+    def info(self) -> ModelInfo:
+        """Provenance of the codes (loads the model if needed)."""
+        return self._load()[1]
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Code `batch[image_column]`; returns `codes`, `ok`, `error` and the passthrough columns."""
+        tok, _ = self._load()
+        if self.image_column not in batch:
+            raise KeyError(f"batch has no image column {self.image_column!r}; its columns are {sorted(batch)}")
+        images = batch[self.image_column]
+        S, g = tok.config.image_size, tok.config.grid_size
+        pixels, rows, errors = [], [], []
+        for i in range(len(images)):
+            try:
+                img = _decode_image(images[i])
+                if tuple(img.shape[1:]) != (S, S):
+                    if self.resize == "none":
+                        raise ValueError(f"image is {img.shape[2]}x{img.shape[1]} px but the model takes {S}x{S}")
+                    img = resize_center_crop(img, S)
+            except (ValueError, TypeError, OSError) as err:
+                errors.append(f"{type(err).__name__}: {err}")
+                continue
+            pixels.append(img)
+            rows.append(i)
+            errors.append("")
+        codes = np.zeros((len(images), g, g), dtype=smallest_uint_dtype(tok.config.codebook_size))
+        if pixels:
+            device = next(tok.parameters()).device
+            codes[rows] = to_storage(tok.encode(torch.stack(pixels).to(device)), tok.config.codebook_size)
+        out: dict[str, Any] = {name: batch[name] for name in self.passthrough}
+        out.update(codes=codes, ok=np.array([e == "" for e in errors]), error=np.array(errors, dtype=object))
+        return out
+
+
+__all__ = ["TokenizeBatch"]

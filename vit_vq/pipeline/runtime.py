@@ -1,0 +1,193 @@
+"""Loading a tokenizer for inference: provenance, device, precision, torch.compile.
+
+`ModelInfo` is what every output of the pipeline records about the model that made it
+(id, revision, config hash) and how it ran (lookup backend and precision), so that
+codes are never decoded by a tokenizer they were not made with.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..tokenizer import ViTVQTokenizer
+
+Precision = Literal["fp32", "bf16", "fp16"]
+CompileScope = Literal["model", "blocks"]
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOOKUP_PRECISION = "exact"  # what ViTVQTokenizer.encode asks nearest_code for
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Provenance and run settings recorded beside every set of codes.
+
+    model_id: the Hub id or the folder the tokenizer came from (`"default"` for the bundled one).
+    revision: the Hub commit (resolved from the cache when possible), else the requested revision,
+        else `None` (local folders).
+    config_hash: `ViTVQConfig.config_hash()`; decoding checks it.
+    lookup_backend / lookup_precision: how nearest codes were searched.
+    precision: the encoder/decoder compute dtype (`fp32`, `bf16`, `fp16`).
+    """
+
+    model_id: str
+    revision: str | None
+    config_hash: str
+    lookup_backend: str
+    lookup_precision: str
+    precision: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_revision(name: str, revision: str | None) -> str | None:
+    """The commit a Hub id resolves to in the local cache, else `revision` (None for local folders)."""
+    if Path(name).expanduser().is_dir():
+        return None
+    try:
+        from .. import hub
+
+        cfg, _ = hub.resolve_files(name, revision=revision, local_files_only=True)
+    except Exception:  # provenance is best-effort: loading already succeeded
+        return revision
+    match = re.search(r"snapshots[/\\]([0-9a-f]{40})[/\\]", str(cfg))
+    return match.group(1) if match else revision
+
+
+def load_tokenizer(name: str, *, revision: str | None = None) -> ViTVQTokenizer:
+    """`ViTVQTokenizer.from_pretrained` for a Hub id or a local folder (eval mode, on CPU).
+
+    Raises:
+        FileNotFoundError: a missing local folder, or one without `config.json`/`model.safetensors`.
+        ValueError: unreadable weights or a config mismatch.
+    """
+    return ViTVQTokenizer.from_pretrained(name, revision=revision)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """`auto` -> `cuda:$LOCAL_RANK` when CUDA is available, else CPU; otherwise `torch.device(device)`.
+
+    Raises:
+        ValueError: a CUDA device was asked for on a machine without one.
+    """
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def pick_precision(precision: str, device: torch.device) -> Precision:
+    """`auto` -> `bf16` on CUDA, `fp32` elsewhere.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {sorted(DTYPES)} or 'auto', got {precision!r}")
+    return precision  # type: ignore[return-value]
+
+
+def lookup_backend(device: torch.device) -> str:
+    """The nearest-code backend `nearest_code` picks for `device` (`"auto"` if it cannot say)."""
+    try:
+        from ..ops.nearest import resolve_backend
+
+        return str(resolve_backend(device, None))
+    except (ImportError, TypeError, ValueError, RuntimeError):
+        return os.environ.get("VIT_VQ_BACKEND") or "auto"
+
+
+def cast_for_inference(tok: ViTVQTokenizer, precision: Precision) -> ViTVQTokenizer:
+    """Cast the encoder and decoder to `precision`; the quantizer's codebook stays float32.
+
+    Casting the whole module would round the codebook to bf16 and change the codes.
+    """
+    dtype = DTYPES[precision]
+    tok.encoder.to(dtype)
+    tok.decoder.to(dtype)
+    return tok
+
+
+def compile_modules(tok: ViTVQTokenizer, *, mode: str | None = None, scope: CompileScope = "model") -> ViTVQTokenizer:
+    """`torch.compile` the encoder and decoder in place (state-dict keys are unchanged).
+
+    Args:
+        mode: a `torch.compile` mode (`None`, `"reduce-overhead"`, `"max-autotune"`, ...).
+        scope: `"model"` compiles each of encoder and decoder whole (fastest kernels);
+            `"blocks"` compiles each transformer block, which compiles in a fraction of the
+            time because identical blocks share one compiled graph.
+
+    The quantizer is left eager: its lookup goes through `nearest_code`, whose GPU path
+    is already a fused kernel.
+    """
+    if scope == "model":
+        tok.encoder.compile(mode=mode)
+        tok.decoder.compile(mode=mode)
+    elif scope == "blocks":
+        for part in (tok.encoder, tok.decoder):
+            for block in part.transformer.blocks:
+                block.compile(mode=mode)
+    else:
+        raise ValueError(f"scope must be 'model' or 'blocks', got {scope!r}")
+    return tok
+
+
+def prepare_for_inference(
+    tok: ViTVQTokenizer,
+    *,
+    model_id: str,
+    revision: str | None = None,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    compile: bool = False,
+) -> tuple[ViTVQTokenizer, ModelInfo]:
+    """Move, cast and optionally compile a tokenizer; return it with its `ModelInfo`."""
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    prec = pick_precision(precision, dev)
+    tok = cast_for_inference(tok.to(dev).eval(), prec)
+    if compile:
+        compile_modules(tok)
+    info = ModelInfo(
+        model_id=model_id,
+        revision=resolve_revision(model_id, revision) if model_id != "default" else revision,
+        config_hash=tok.config.config_hash(),
+        lookup_backend=lookup_backend(dev),
+        lookup_precision=LOOKUP_PRECISION,
+        precision=prec,
+    )
+    return tok, info
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work (for timing); a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+__all__ = [
+    "ModelInfo",
+    "Precision",
+    "DTYPES",
+    "load_tokenizer",
+    "resolve_revision",
+    "pick_device",
+    "pick_precision",
+    "lookup_backend",
+    "cast_for_inference",
+    "compile_modules",
+    "prepare_for_inference",
+    "synchronize",
+]

@@ -1,0 +1,187 @@
+"""Shards of pre-tokenized codes: planning, atomic writing, verification and reading.
+
+The input items `[0, N)` are cut into shards of `shard_size` consecutive items; shard `k`
+covers `[k * shard_size, min(N, (k + 1) * shard_size))` whatever the number of ranks, so
+a job can be resumed with a different world size. Shard `k` is written by rank
+`k % world_size`. Its files, in the output folder:
+
+    codes-00007.safetensors   tensors `codes` [n, h, w] (smallest uint dtype), `indices` int64 [n]
+                              (positions in the input), `labels` int64 [n] (when the data has labels)
+    codes-00007.npy           the same as .npy files instead: `codes-00007.npy`,
+    codes-00007.indices.npy, codes-00007.labels.npy
+    codes-00007.json          the record: item range, counts, keys (file names or row ids),
+                              skipped items with reasons, SHA-256 of every data file, run fingerprint
+
+Every file is written atomically (temporary file + `os.replace`), data first and the
+record last, so a record's presence means the shard is complete; `is_complete` re-checks
+the checksums before a resumed run skips it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from .codes import atomic_write, atomic_write_json, sha256_file
+
+ShardFormat = Literal["safetensors", "npy"]
+SHARD_FORMATS = ("safetensors", "npy")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Shard `index` covers input items `[start, stop)`."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def stem(self) -> str:
+        return f"codes-{self.index:05d}"
+
+
+def plan_shards(num_items: int, shard_size: int) -> list[ShardSpec]:
+    """Consecutive shards of `shard_size` items covering `[0, num_items)` exactly once.
+
+    Raises:
+        ValueError: `shard_size < 1`.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return [ShardSpec(k, s, min(num_items, s + shard_size)) for k, s in enumerate(range(0, num_items, shard_size))]
+
+
+def shards_for_rank(shards: list[ShardSpec], rank: int, world_size: int) -> list[ShardSpec]:
+    """Rank `rank`'s shards (`index % world_size == rank`): no shard twice, none lost, no padding."""
+    return [s for s in shards if s.index % world_size == rank]
+
+
+def record_path(out: Path, spec: ShardSpec) -> Path:
+    return out / f"{spec.stem}.json"
+
+
+def data_files(fmt: ShardFormat | str, stem: str, has_labels: bool) -> dict[str, str]:
+    """Role -> file name of a shard's data files."""
+    if fmt == "safetensors":
+        return {"codes": f"{stem}.safetensors"}
+    files = {"codes": f"{stem}.npy", "indices": f"{stem}.indices.npy"}
+    if has_labels:
+        files["labels"] = f"{stem}.labels.npy"
+    return files
+
+
+def write_shard(
+    out: Path,
+    spec: ShardSpec,
+    *,
+    codes: np.ndarray,
+    indices: list[int],
+    labels: list[int] | None,
+    keys: list[str],
+    skipped: list[dict[str, str]],
+    num_resized: int,
+    fmt: ShardFormat,
+    run: dict[str, Any],
+) -> dict[str, Any]:
+    """Write one shard's data files and then its record, each atomically; return the record.
+
+    Args:
+        codes: `[n, h, w]` in its storage dtype (see `codes.smallest_uint_dtype`).
+        indices: the n input positions; labels: n labels or None; keys: n names.
+        skipped: `{"path", "reason"}` for the unreadable items of this shard's range.
+        run: the run fingerprint (model, data, sharding), checked on resume.
+    """
+    if not (codes.shape[0] == len(indices) == len(keys)) or (labels is not None and len(labels) != len(keys)):
+        raise ValueError(f"shard {spec.index}: {codes.shape[0]} codes, {len(indices)} indices, {len(keys)} keys do not match")
+    arrays = {"codes": codes, "indices": np.asarray(indices, dtype=np.int64)}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels, dtype=np.int64)
+    files = data_files(fmt, spec.stem, labels is not None)
+    if fmt == "safetensors":
+        from safetensors.numpy import save_file
+
+        # no metadata: safetensors writes it in hash order, so a rewritten shard would not be byte-identical
+        atomic_write(out / files["codes"], lambda tmp: save_file(arrays, str(tmp)))
+    elif fmt == "npy":
+        for role, name in files.items():
+            atomic_write(out / name, lambda tmp, a=arrays[role]: _save_npy(tmp, a))
+    else:
+        raise ValueError(f"format must be one of {SHARD_FORMATS}, got {fmt!r}")
+    record = {
+        "index": spec.index,
+        "start": spec.start,
+        "stop": spec.stop,
+        "num_images": len(keys),
+        "num_resized": num_resized,
+        "files": files,
+        "sha256": {name: sha256_file(out / name) for name in files.values()},
+        "keys": keys,
+        "skipped": skipped,
+        "run": run,
+    }
+    atomic_write_json(record_path(out, spec), record)
+    return record
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # np.save on a path would append ".npy" to the temporary name
+        np.save(f, array)
+
+
+def is_complete(out: Path, spec: ShardSpec, run: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """Check an existing shard before a resumed run skips it.
+
+    Returns:
+        `(record, None)` when the shard is complete and intact; `(None, None)` when it must be
+        (re)written (missing, partial or corrupt files); `(None, reason)` when it was made by a
+        different run (other model, data or settings), which a resume must not mix in.
+    """
+    path = record_path(out, spec)
+    if not path.is_file():
+        return None, None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None, None
+    if record.get("run") != run:
+        old, new = record.get("run") or {}, run
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:3])
+        return None, f"{path.name} was made by a different run ({detail})"
+    if (record.get("start"), record.get("stop")) != (spec.start, spec.stop):
+        return None, None
+    for name, digest in (record.get("sha256") or {}).items():
+        if not (out / name).is_file() or sha256_file(out / name) != digest:
+            return None, None
+    return record, None
+
+
+def read_shard(out: str | Path, files: dict[str, str]) -> dict[str, Any]:
+    """Load a shard's arrays: `codes` int64 `[n, h, w]`, `indices` int64 `[n]`, `labels` int64 `[n]` if any."""
+    out = Path(out)
+    if files["codes"].endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        arrays = load_file(str(out / files["codes"]))
+    else:
+        arrays = {role: np.load(out / name) for role, name in files.items()}
+    return {role: torch.from_numpy(a.astype(np.int64)) for role, a in arrays.items()}
+
+
+__all__ = [
+    "ShardSpec",
+    "ShardFormat",
+    "SHARD_FORMATS",
+    "plan_shards",
+    "shards_for_rank",
+    "write_shard",
+    "is_complete",
+    "read_shard",
+    "record_path",
+]

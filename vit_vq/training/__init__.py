@@ -1,0 +1,24 @@
+"""Training and fine-tuning of `ViTVQTokenizer`s on accelerate (install the `train` extra).
+
+    from vit_vq.training import TrainConfig, Trainer
+    Trainer(TrainConfig(preset="tiny", data="photos/", output="runs/tiny", max_steps=2000)).train()
+
+Modules: `config` (TrainConfig), `trainer` (the loop), `losses` (pixel and VGG16 perceptual),
+`discriminator` (patch GAN, hinge, adaptive weight), `data` (sources, seeded augmentations,
+loader), `checkpoint` (atomic save/resume), `model_ema`, `tracking` (scalars, grids, summaries),
+`download` (bounded network access).
+"""
+
+from .config import TrainConfig
+from .losses import PerceptualLoss, PerceptualWeightsUnavailable, build_perceptual_loss
+from .trainer import NonFiniteLossError, Trainer, TrainResult
+
+__all__ = [
+    "TrainConfig",
+    "Trainer",
+    "TrainResult",
+    "NonFiniteLossError",
+    "PerceptualLoss",
+    "PerceptualWeightsUnavailable",
+    "build_perceptual_loss",
+]

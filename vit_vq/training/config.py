@@ -1,0 +1,203 @@
+"""`TrainConfig`: every setting of a training run, in one dataclass.
+
+The same object is filled from defaults, then a YAML/JSON file, then command-line flags
+(`vit-vq train`), and is written next to the checkpoints as `train_config.yaml`. Each field
+carries its help text in `metadata["help"]`, which the command line shows as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..config import PRESETS
+
+MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
+DataFormat = Literal["auto", "folder", "hf", "cifar10"]
+KNOWN_TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a help text (mutable defaults are copied per instance)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training or fine-tuning run.
+
+    The model comes from exactly one of `preset` (train from scratch), `init` (fine-tune a
+    saved tokenizer: Hub id or folder) or `init_vit` (a new tokenizer whose encoder starts from
+    a Hugging Face ViT; `preset` then gives the rest of the architecture, `seed` if unset).
+
+    Raises:
+        ValueError: for an unknown preset/option, a negative weight, a non-positive count, or
+            `init` combined with `preset`/`init_vit`/`model_overrides`.
+    """
+
+    # -- model ---------------------------------------------------------------------------
+    preset: str | None = _f(None, f"model preset to train from scratch: one of {sorted(PRESETS)}")
+    init: str | None = _f(None, "fine-tune this tokenizer (Hub id or folder written by save_pretrained)")
+    init_vit: str | None = _f(None, "start the encoder from this Hugging Face ViT (Hub id or folder)")
+    model_overrides: dict[str, Any] = _f({}, "ViTVQConfig fields to change from the preset, e.g. codebook_size=4096")
+    # -- data ----------------------------------------------------------------------------
+    data: str | None = _f(None, "image folder (recursive), a datasets name or saved folder, or 'cifar10'")
+    data_format: DataFormat = _f("auto", "how to read --data; auto: 'cifar10', a local folder, else a datasets dataset")
+    data_root: str = _f("~/.cache/vit_vq/data", "where torchvision datasets (cifar10) are stored or downloaded to")
+    split: str = _f("train", "datasets split to train on")
+    image_column: str = _f("image", "datasets column that holds the images")
+    resize_ratio: float = _f(1.0, "resize the short side to image_size * this before the random crop (>= 1)")
+    random_crop: bool = _f(True, "random crop (else center crop) after resizing")
+    hflip: bool = _f(True, "random horizontal flips")
+    num_workers: int = _f(4, "data loader worker processes per rank (0: load in the main process)")
+    # -- optimisation --------------------------------------------------------------------
+    output: str = _f("runs/vit-vq", "output folder: checkpoints, logs, samples and the exported model")
+    max_steps: int = _f(10000, "optimizer steps to train for (in total, counting resumed steps)")
+    batch_size: int = _f(32, "images per rank per micro-batch")
+    grad_accum_steps: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(1e-4, "peak learning rate of the tokenizer (AdamW)")
+    codebook_lr: float | None = _f(None, "learning rate of a learnable (use_ema=False) codebook; default: lr")
+    weight_decay: float = _f(1e-4, "AdamW weight decay (not applied to biases, norms, embeddings, codebook)")
+    adam_betas: tuple[float, float] = _f((0.9, 0.99), "AdamW betas")
+    warmup_steps: int = _f(500, "linear warmup steps, then cosine decay to min_lr_ratio * lr")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: no clipping; the norm is still logged)")
+    mixed_precision: MixedPrecision = _f("auto", "autocast dtype; auto: bf16 on GPUs that support it, else no")
+    model_ema_decay: float = _f(0.0, "keep an EMA of the weights with this decay (0: off); exported when on")
+    seed: int = _f(0, "seed of the model init, data order and augmentations")
+    compile: bool = _f(False, "torch.compile the encoder, decoder and perceptual network")
+    # -- losses --------------------------------------------------------------------------
+    l2_weight: float = _f(1.0, "weight of the pixel MSE")
+    l1_weight: float = _f(0.0, "weight of the pixel L1")
+    perceptual_weight: float | None = _f(None, "weight of the VGG16 perceptual loss; default: the model recipe's")
+    perceptual_weights_path: str | None = _f(None, "VGG16 weights file (safetensors or torchvision .pth)")
+    download_timeout: float = _f(10.0, "seconds to wait on a stalled weight download (0: never download)")
+    codebook_weight: float = _f(1.0, "weight of the codebook loss (only moves a learnable codebook)")
+    commit_weight: float = _f(1.0, "weight of the commitment loss (beta is in the model config)")
+    adversarial_weight: float = _f(0.0, "weight of the hinge GAN loss (0: no discriminator)")
+    disc_start_step: int = _f(2000, "step at which the discriminator starts")
+    disc_lr: float | None = _f(None, "discriminator learning rate; default: lr")
+    disc_channels: int = _f(64, "channels of the first discriminator layer")
+    disc_layers: int = _f(3, "strided layers of the patch discriminator")
+    adaptive_weight: bool = _f(True, "scale the GAN loss by the ratio of gradient norms at the decoder's last layer")
+    # -- logging and checkpoints ---------------------------------------------------------
+    log_every: int = _f(50, "log scalars every N steps")
+    image_every: int = _f(500, "log a grid of originals beside reconstructions every N steps (0: never)")
+    num_log_images: int = _f(8, "images in the reconstruction grid")
+    save_every: int = _f(1000, "write a checkpoint every N steps (and always at the end)")
+    keep_checkpoints: int = _f(2, "checkpoints to keep (the newest)")
+    resume: str | None = _f(None, "'latest' (the newest checkpoint in --output, if any) or a checkpoint folder")
+    trackers: str = _f("tensorboard", f"comma-separated accelerate trackers ({', '.join(KNOWN_TRACKERS)}) or 'none'")
+    export_name: str = _f("final", "folder inside --output that receives the exported model")
+    push_to_hub: str | None = _f(None, "push the exported model to this Hub repo id")
+    progress: bool = _f(True, "show a tqdm progress bar (main process only)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adam_betas, list):
+            self.adam_betas = tuple(self.adam_betas)
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; known presets: {sorted(PRESETS)}")
+        if self.init is not None and (self.preset is not None or self.init_vit is not None or self.model_overrides):
+            raise ValueError(
+                "init fine-tunes a saved tokenizer whose architecture is fixed; "
+                "do not combine it with preset, init_vit or model_overrides"
+            )
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "save_every", "keep_checkpoints",
+                     "disc_channels", "disc_layers", "num_log_images"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        for name in ("num_workers", "warmup_steps", "image_every", "disc_start_step", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {value!r}")
+        for name in ("l2_weight", "l1_weight", "perceptual_weight", "codebook_weight", "commit_weight",
+                     "adversarial_weight", "weight_decay", "max_grad_norm", "model_ema_decay", "download_timeout"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {value!r}")
+        for name in ("lr", "codebook_lr", "disc_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"TrainConfig.{name} must be > 0, got {value!r}")
+        if not 0 <= self.model_ema_decay < 1:
+            raise ValueError(f"model_ema_decay must be in [0, 1), got {self.model_ema_decay}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.resize_ratio < 1:
+            raise ValueError(f"resize_ratio must be >= 1 (the crop must fit), got {self.resize_ratio}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        _check_choice("mixed_precision", self.mixed_precision, ("auto", "no", "fp16", "bf16"))
+        _check_choice("data_format", self.data_format, ("auto", "folder", "hf", "cifar10"))
+        for name in self.tracker_list():
+            _check_choice("trackers", name, KNOWN_TRACKERS)
+        if not self.export_name or Path(self.export_name).name != self.export_name:
+            raise ValueError(f"export_name must be a plain folder name, got {self.export_name!r}")
+
+    # -- derived -------------------------------------------------------------------------
+    def tracker_list(self) -> list[str]:
+        """The trackers as a list (`[]` for 'none')."""
+        names = [t.strip() for t in self.trackers.split(",") if t.strip()]
+        return [] if names in ([], ["none"]) else names
+
+    @property
+    def adversarial(self) -> bool:
+        return self.adversarial_weight > 0
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["adam_betas"] = list(self.adam_betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> TrainConfig:
+        """Build from a mapping (keys may use dashes), then apply `overrides`.
+
+        Raises:
+            ValueError: on unknown keys; the message lists the known ones.
+        """
+        merged = {str(k).replace("-", "_"): v for k, v in {**data, **overrides}.items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known settings are {sorted(known)}")
+        return cls(**merged)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a YAML (or JSON) mapping of fields, then apply `overrides`.
+
+        Raises:
+            FileNotFoundError: no such file. ValueError: not a mapping, or unknown keys.
+        """
+        import yaml
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no such config file: {str(path)!r}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping of training settings, got {type(data).__name__}")
+        return cls.from_dict(data, **overrides)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+__all__ = ["TrainConfig", "MixedPrecision", "DataFormat", "KNOWN_TRACKERS"]

@@ -1,0 +1,246 @@
+"""Training data: sources, seeded augmentations, an epoch sampler and the loader.
+
+Built on `vit_vq.data`: sources yield `{"pixels", "key", "label", "error"}` items and
+unreadable ones carry an `error` instead of raising. For training, `TrainImageDataset`
+replaces an unreadable item by the next readable one (so every batch is full and every rank
+runs the same number of steps) and reports what it skipped under the batch's `skipped` list.
+
+Reproducibility: the sampler yields `(index, epoch)` keys, and each item's crop and flip come
+from a generator seeded by `(seed, epoch, index)`. The data stream therefore does not depend on
+worker processes or on the global RNG, and resuming mid-epoch (skipping the batches already
+seen) replays exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..data import HFImageDataset, ImageFolder, collate_images, open_image_source
+from ..preprocess import to_tensor
+from .config import TrainConfig
+from .download import socket_timeout
+
+logger = logging.getLogger(__name__)
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+class TrainTransform:
+    """`[3, H, W]` in [0, 1] -> `[3, size, size]`: resize the short side, crop (random or center), flip.
+
+    Args:
+        size: output side.
+        resize_ratio: the short side is resized to `round(size * resize_ratio)` first (>= 1).
+        random_crop: random crop position (else the center).
+        hflip: flip horizontally with probability 1/2.
+    """
+
+    def __init__(self, size: int, *, resize_ratio: float = 1.0, random_crop: bool = True, hflip: bool = True) -> None:
+        self.size, self.resize_ratio, self.random_crop, self.hflip = size, resize_ratio, random_crop, hflip
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        _, H, W = image.shape
+        short = max(self.size, round(self.size * self.resize_ratio))
+        scale = short / min(H, W)
+        nh, nw = max(short, round(H * scale)), max(short, round(W * scale))
+        if (nh, nw) != (H, W):
+            image = F.interpolate(image[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
+        if self.random_crop:
+            top = int(torch.randint(nh - self.size + 1, (), generator=generator))
+            left = int(torch.randint(nw - self.size + 1, (), generator=generator))
+        else:
+            top, left = (nh - self.size) // 2, (nw - self.size) // 2
+        image = image[:, top : top + self.size, left : left + self.size]
+        if self.hflip and bool(torch.rand((), generator=generator) < 0.5):
+            image = image.flip(-1)
+        return image.clamp(0, 1).contiguous()
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one item's augmentation, from the run seed, the epoch and the item index."""
+    return (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (2**63)
+
+
+class EpochSampler(Sampler):
+    """Yields `(index, epoch)` keys in a permutation seeded by `(seed, epoch)`; call `set_epoch` per epoch."""
+
+    def __init__(self, size: int, seed: int = 0, *, shuffle: bool = True) -> None:
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, -1))
+            order = torch.randperm(self.size, generator=gen).tolist()
+        else:
+            order = range(self.size)
+        return iter([(i, self.epoch) for i in order])
+
+
+class TrainImageDataset(Dataset):
+    """A source of raw items viewed through a seeded `TrainTransform`; keys are `(index, epoch)`.
+
+    An unreadable item is replaced by the next readable one (wrapping around) and reported
+    under the item's `skipped` list as `{"path", "reason"}` dicts.
+
+    Raises (from `__getitem__`):
+        ValueError: no item of the whole source is readable.
+    """
+
+    def __init__(self, source: Dataset, transform: TrainTransform, seed: int = 0) -> None:
+        self.source, self.transform, self.seed = source, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        n, skipped = len(self.source), []
+        for attempt in range(n):
+            j = (index + attempt) % n
+            item = self.source[j]
+            if item["pixels"] is not None:
+                try:
+                    gen = torch.Generator().manual_seed(item_seed(self.seed, epoch, j))
+                    pixels = self.transform(item["pixels"], gen)
+                except (ValueError, RuntimeError) as err:  # e.g. an image with zero width
+                    item = {**item, "error": f"{item['key']}: cannot be transformed ({err})"}
+                else:
+                    return {**item, "pixels": pixels, "skipped": skipped}
+            skipped.append({"path": item["key"], "reason": item["error"]})
+        raise ValueError(f"none of the {n} items of the dataset is a readable image; the first error was: {skipped[0]['reason']}")
+
+
+def train_collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """`collate_images`, plus the items that `TrainImageDataset` skipped, under `skipped`."""
+    batch = collate_images(items)
+    batch["skipped"] = batch["skipped"] + [s for it in items for s in it.get("skipped", [])]
+    return batch
+
+
+class CIFAR10Source(Dataset):
+    """torchvision's CIFAR-10 as raw items; downloaded into `root` if absent (bounded by `timeout`)."""
+
+    def __init__(self, root: str | Path, *, train: bool = True, timeout: float = 10.0) -> None:
+        from torchvision.datasets import CIFAR10
+
+        from .download import probe
+
+        root = Path(root).expanduser()
+        try:
+            self.ds = CIFAR10(str(root), train=train, download=False)
+        except RuntimeError:
+            if timeout <= 0:
+                raise FileNotFoundError(f"CIFAR-10 is not in {root} and downloads are off (download_timeout=0)") from None
+            try:
+                probe(CIFAR10_URL, timeout)
+                with socket_timeout(timeout):
+                    self.ds = CIFAR10(str(root), train=train, download=True)
+            except OSError as err:
+                raise FileNotFoundError(
+                    f"CIFAR-10 is not in {root} and cannot be downloaded ({err}); put torchvision's "
+                    f"cifar-10-batches-py folder there (--data-root), or train on an image folder"
+                ) from err
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image, label = self.ds[i]
+        return {"pixels": to_tensor(image), "key": f"cifar10/{i}", "label": int(label), "error": None}
+
+
+def open_training_source(config: TrainConfig) -> Dataset:
+    """The raw image source named by `config.data` / `config.data_format`.
+
+    Raises:
+        ValueError: no `data` given, or the source holds no items.
+        FileNotFoundError: a local path that does not exist; CIFAR-10 neither present nor downloadable.
+    """
+    if not config.data:
+        raise ValueError("no training data: pass --data (an image folder, a datasets name or saved folder, or cifar10)")
+    fmt = config.data_format
+    if fmt == "auto" and config.data.lower() == "cifar10":
+        fmt = "cifar10"
+    if fmt == "cifar10":
+        root = config.data_root if config.data.lower() == "cifar10" else config.data
+        source: Dataset = CIFAR10Source(root, train=config.split == "train", timeout=config.download_timeout)
+    elif fmt == "folder":
+        source = ImageFolder(config.data)
+    elif fmt == "hf":
+        source = HFImageDataset(config.data, split=config.split, image_column=config.image_column)
+    else:
+        source = open_image_source(config.data, split=config.split, image_column=config.image_column)
+    if len(source) == 0:
+        raise ValueError(f"the training data {config.data!r} is empty: no files or rows were found")
+    return source
+
+
+def build_train_loader(
+    source: Dataset, config: TrainConfig, image_size: int, *, num_processes: int = 1, pin_memory: bool = False
+) -> tuple[DataLoader, EpochSampler]:
+    """A loader of full batches `{"pixels": [B, 3, S, S], ...}` over `source`, and its sampler.
+
+    Raises:
+        ValueError: the source has fewer items than one global batch.
+    """
+    need = config.batch_size * num_processes
+    if len(source) < need:
+        raise ValueError(
+            f"the training data has {len(source)} items, fewer than one batch "
+            f"({config.batch_size} per process x {num_processes} processes); lower --batch-size"
+        )
+    transform = TrainTransform(image_size, resize_ratio=config.resize_ratio, random_crop=config.random_crop, hflip=config.hflip)
+    sampler = EpochSampler(len(source), config.seed)
+    loader = DataLoader(
+        TrainImageDataset(source, transform, config.seed),
+        batch_size=config.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=config.num_workers,
+        collate_fn=train_collate,
+        pin_memory=pin_memory,
+        persistent_workers=config.num_workers > 0,
+        generator=torch.Generator().manual_seed(config.seed),  # worker seeds: keeps the global RNG untouched
+    )
+    return loader, sampler
+
+
+def preview_images(source: Dataset, image_size: int, count: int) -> torch.Tensor:
+    """The first `count` readable items, center-cropped: float `[count', 3, S, S]` for reconstruction grids."""
+    transform = TrainTransform(image_size, random_crop=False, hflip=False)
+    images = []
+    for i in range(len(source)):
+        item = source[i]
+        if item["pixels"] is not None:
+            images.append(transform(item["pixels"]))
+        if len(images) == count:
+            break
+    if not images:
+        raise ValueError(f"none of the {len(source)} items of the dataset is a readable image")
+    return torch.stack(images)
+
+
+__all__ = [
+    "TrainTransform",
+    "EpochSampler",
+    "TrainImageDataset",
+    "CIFAR10Source",
+    "train_collate",
+    "open_training_source",
+    "build_train_loader",
+    "preview_images",
+    "item_seed",
+]
