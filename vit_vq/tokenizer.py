@@ -245,6 +245,19 @@ class ViTVQTokenizer(
         return model.to(map_location).eval()
 
     @classmethod
+    def default(cls, map_location: str | torch.device = "cpu") -> ViTVQTokenizer:
+        """The trained tokenizer that ships inside the package (no network, no Hub id).
+
+        See `vit_vq.default_model` for its model card and the bundled sample photos.
+
+        Raises:
+            FileNotFoundError: the package was installed without its assets.
+        """
+        from .default_model import load_default
+
+        return load_default(map_location=map_location)
+
+    @classmethod
     def from_vit(cls, vit_name_or_path: str, config: ViTVQConfig | None = None, **hf_kwargs: Any) -> ViTVQTokenizer:
         """A tokenizer whose encoder starts from a pretrained Hugging Face ViT (Hub id or folder).
 
