@@ -66,3 +66,25 @@ def tiny_tokenizer_dir(tmp_path_factory):
         torch.manual_seed(0)
         ViTVQTokenizer(ViTVQConfig.from_preset("tiny")).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def train_photo_dir(tmp_path_factory):
+    """12 real-photo crops (40x40 PNG, half in a subfolder): a small clean training set (read-only)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("train_photos")
+    (root / "sub").mkdir()
+    for i, img in enumerate(photo_crops(40, 12, seed=1)):
+        array = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()  # (H, W, 3)
+        Image.fromarray(array).save((root / "sub" if i % 2 else root) / f"crop{i:02d}.png")
+    return root
+
+
+@pytest.fixture
+def single_thread():
+    """Run a small model on one thread: avoids OpenMP spin-waits when the 2 CI cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -125,7 +125,7 @@ def test_network_metrics_need_local_weights(tmp_path, monkeypatch):
         lpips_network("alex")
 
 
-def test_inception_features_from_local_file(tmp_path):
+def test_inception_features_from_local_file(tmp_path, single_thread):
     from torchvision.models import inception_v3
 
     path = tmp_path / "inception.pth"

@@ -87,3 +87,23 @@ def test_bf16_module_still_quantizes_in_fp32(tok):
     x = torch.rand(2, 3, 32, 32)
     idx = tok.encode(x)
     assert idx.dtype == torch.int64 and tok.decode(idx).dtype == torch.float32
+
+
+def test_half_precision_cast_keeps_the_codebook_fp32_and_the_codes(tok):
+    x = torch.rand(2, 3, 32, 32)
+    ref_latents = tok.encode(x, return_latents=True).latents
+    ref = tok.quantizer.lookup(tok.quantizer.prepare(ref_latents))
+    tok = tok.to(torch.bfloat16)
+    for name in ("embed", "ema_count", "ema_sum"):
+        assert getattr(tok.quantizer, name).dtype == torch.float32, name
+    assert tok.encoder.patch_embed.weight.dtype == torch.bfloat16
+    assert torch.equal(tok.quantizer.lookup(tok.quantizer.prepare(ref_latents)), ref)
+
+
+def test_compile_keeps_state_dict_keys_and_outputs(tok):
+    keys = set(tok.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    ref = tok.encode(x)
+    with pytest.raises(ValueError, match="scope must be 'model' or 'blocks'"):
+        tok.compile(scope="layers")
+    assert set(tok.compile(scope="blocks").state_dict()) == keys

@@ -16,6 +16,7 @@ Design:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,25 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("recent_len", torch.zeros((), dtype=torch.int64), persistent=False)
         self._kmeans_samples: list[torch.Tensor] = []
 
+    _FP32_STATE = ("embed", "ema_count", "ema_sum", "acc_count", "acc_sum", "recent")
+
+    def _apply(self, fn, recurse=True):
+        """Moves follow `.to(device)`, but codebook state stays float32 under `.half()` / `.to(bf16)`.
+
+        Rounding the codebook to 16 bits would silently change which code is nearest.
+        """
+        before = {name: getattr(self, name) for name in self._FP32_STATE}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:  # a dtype cast: keep the float32 values, follow the device
+                kept = old.detach().to(new.device)
+                if isinstance(new, nn.Parameter):
+                    new.data = kept
+                else:
+                    self._buffers[name] = kept
+        return self
+
     # -- lookup ----------------------------------------------------------------------
     @property
     def metric(self) -> str:
@@ -93,10 +113,14 @@ class VectorQuantizer(nn.Module):
         z = z.float()
         return F.normalize(z, dim=-1) if self.config.l2_normalize else z
 
-    def lookup(self, z: torch.Tensor) -> torch.Tensor:
-        """Nearest-code indices for prepared latents `[..., D]` -> int64 `[...]`."""
+    def lookup(self, z: torch.Tensor, precision: Literal["exact", "fast"] = "exact") -> torch.Tensor:
+        """Nearest-code indices for prepared latents `[..., D]` -> int64 `[...]`.
+
+        `precision="fast"` lets the GPU kernel use tf32 matrix units (see `nearest_code`).
+        """
         flat = z.reshape(-1, z.shape[-1])
-        return nearest_code(flat.detach(), self.codebook().detach(), metric=self.metric).view(z.shape[:-1])
+        idx = nearest_code(flat.detach(), self.codebook().detach(), metric=self.metric, precision=precision)
+        return idx.view(z.shape[:-1])
 
     def embed_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Code vectors for int64 indices `[...]` -> float32 `[..., D]`."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +138,12 @@ class ViTVQTokenizer(
     # -- public API ------------------------------------------------------------------
     @torch.inference_mode()
     def encode(
-        self, images: torch.Tensor, *, return_latents: bool = False, validate: bool = True
+        self,
+        images: torch.Tensor,
+        *,
+        return_latents: bool = False,
+        validate: bool = True,
+        lookup_precision: Literal["exact", "fast"] = "exact",
     ) -> torch.Tensor | EncodeOutput:
         """Images -> codes.
 
@@ -146,6 +151,8 @@ class ViTVQTokenizer(
             images: float `[B, 3, S, S]` in [0, 1], or uint8 `[B, 3, S, S]`.
             return_latents: also return the encoder latents `[B, h, w, D]` (before quantization).
             validate: check shape, dtype and values (one reduction, one host sync).
+            lookup_precision: `"exact"` (float64-optimal codes) or `"fast"` (tf32 on GPU; >= 99%
+                identical codes, faster).
 
         Returns:
             int64 `[B, S/p, S/p]`, or an `EncodeOutput` when `return_latents`.
@@ -155,7 +162,7 @@ class ViTVQTokenizer(
         """
         latents = self.encoder(self._to_model_space(images, validate))  # (B, h*w, D)
         z = self.quantizer.prepare(latents)
-        indices = self._grid(self.quantizer.lookup(z))  # (B, h, w)
+        indices = self._grid(self.quantizer.lookup(z, lookup_precision))  # (B, h, w)
         if return_latents:
             return EncodeOutput(indices=indices, latents=self._grid(latents.float()))
         return indices
@@ -188,6 +195,33 @@ class ViTVQTokenizer(
             commit_loss=q.commit_loss,
             metrics=q.metrics,
         )
+
+    def compile(
+        self, *, mode: str | None = None, scope: Literal["model", "blocks"] = "model", dynamic: bool | None = None
+    ) -> ViTVQTokenizer:
+        """`torch.compile` the encoder and decoder in place; state-dict keys are unchanged.
+
+        Args:
+            mode: a `torch.compile` mode (`None`, `"reduce-overhead"`, `"max-autotune"`, ...).
+            scope: `"model"` compiles encoder and decoder whole (fastest kernels); `"blocks"`
+                compiles each transformer block, which compiles much faster because identical
+                blocks share one graph.
+            dynamic: passed to `torch.compile`; `False` compiles one static graph per shape.
+
+        The quantizer stays eager: its lookup is already a fused kernel on GPU.
+
+        Raises:
+            ValueError: an unknown `scope`.
+        """
+        if scope == "model":
+            parts = [self.encoder, self.decoder]
+        elif scope == "blocks":
+            parts = [*self.encoder.transformer.blocks, *self.decoder.transformer.blocks]
+        else:
+            raise ValueError(f"scope must be 'model' or 'blocks', got {scope!r}")
+        for part in parts:
+            nn.Module.compile(part, mode=mode, dynamic=dynamic)
+        return self
 
     # -- persistence -----------------------------------------------------------------
     def save_pretrained(

@@ -40,6 +40,8 @@ from ..pipeline.sources import ModelSizedImages, resize_notice
 from .common import add_model_args, add_resize_arg, device_of, image_grid, loader, positive_int, progress, save_png, setup_model
 from .main import CLIError
 
+FID_MIN_IMAGES = 10_000  # below this, FID is noticeably biased upward
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -144,14 +146,11 @@ def run(args: argparse.Namespace) -> int:
             print("rfid: not computed (needs at least 2 images)", file=sys.stderr)
         else:
             metrics["rfid"] = frechet_distance(*real_stats.mean_cov(), *fake_stats.mean_cov())
-            if real_stats.n < 2048:
-                print(f"rfid: only {real_stats.n} images; FID is biased upward below ~10k images", file=sys.stderr)
+            if real_stats.n < FID_MIN_IMAGES:
+                print(f"rfid: only {real_stats.n} images; FID is biased upward below ~{FID_MIN_IMAGES}", file=sys.stderr)
 
     grid_path = Path(args.grid) if args.grid else (Path(args.json).with_suffix(".png") if args.json else Path("eval_grid.png"))
-    per_row = max(1, min(8, args.grid_images))
-    o, r = torch.cat(originals), torch.cat(recons)
-    rows = [t[i : i + per_row] for i in range(0, len(o), per_row) for t in (o, r)]
-    save_png(image_grid(rows), grid_path)
+    _write_grid(torch.cat(originals), torch.cat(recons), min(8, args.grid_images), grid_path)
     if args.json:
         Path(args.json).expanduser().parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).expanduser().write_text(json.dumps(metrics, indent=2) + "\n")
@@ -162,6 +161,18 @@ def run(args: argparse.Namespace) -> int:
     for item in skipped[:10]:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     print(f"model {info.model_id} (config {info.config_hash}, {info.precision}) on {psnr_acc.count} images of {args.data}")
+    _print_table(metrics)
+    print(f"reconstruction grid (originals above reconstructions): {grid_path}", file=sys.stderr)
+    return 0
+
+
+def _write_grid(originals: torch.Tensor, recons: torch.Tensor, per_row: int, path: Path) -> None:
+    """Rows of `per_row` originals, each above the row of their reconstructions."""
+    rows = [t[i : i + per_row] for i in range(0, len(originals), per_row) for t in (originals, recons)]
+    save_png(image_grid(rows), path)
+
+
+def _print_table(metrics: dict[str, Any]) -> None:
     for key, label, fmt in (
         ("psnr", "PSNR (dB)", "{:.3f}"), ("ssim", "SSIM", "{:.4f}"), ("codebook_usage", "codebook usage", "{:.2%}"),
         ("perplexity", "perplexity", "{:.1f}"), ("images_per_second", "images/s", "{:.1f}"),
@@ -169,5 +180,3 @@ def run(args: argparse.Namespace) -> int:
     ):
         if key in metrics:
             print(f"  {label:<16}{fmt.format(metrics[key])}")
-    print(f"reconstruction grid (originals above reconstructions): {grid_path}", file=sys.stderr)
-    return 0

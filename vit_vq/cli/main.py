@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CLIError, FileNotFoundError, ValueError, TypeError) as err:
+    except (CLIError, OSError, ValueError, TypeError) as err:
         print(f"vit-vq {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -11,7 +11,7 @@
 from .codes import CodesFile, load_codes, save_codes, smallest_uint_dtype
 from .manifest import iter_shards, load_manifest, verify_shards
 from .mapper import TokenizeBatch
-from .runtime import ModelInfo, compile_modules, prepare_for_inference
+from .runtime import ModelInfo, prepare_for_inference
 from .tokenize import TokenizeOptions, TokenizeResult, tokenize_dataset
 
 __all__ = [
@@ -24,7 +24,6 @@ __all__ = [
     "verify_shards",
     "TokenizeBatch",
     "ModelInfo",
-    "compile_modules",
     "prepare_for_inference",
     "TokenizeOptions",
     "TokenizeResult",

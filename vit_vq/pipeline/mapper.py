@@ -61,7 +61,7 @@ class TokenizeBatch:
         resize: `"crop"` (resize short side + center crop) or `"none"` (other sizes -> `ok=False`).
 
     Raises:
-        ValueError: an unknown `resize`; `KeyError` (on call) for a missing column.
+        ValueError: an unknown `resize`. KeyError (on call): a missing image or passthrough column.
 
     Example:
         >>> ds = ds.map(TokenizeBatch("org/tokenizer"), batched=True, batch_size=64)
@@ -113,8 +113,9 @@ class TokenizeBatch:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Code `batch[image_column]`; returns `codes`, `ok`, `error` and the passthrough columns."""
         tok, _ = self._load()
-        if self.image_column not in batch:
-            raise KeyError(f"batch has no image column {self.image_column!r}; its columns are {sorted(batch)}")
+        for name in (self.image_column, *self.passthrough):
+            if name not in batch:
+                raise KeyError(f"batch has no column {name!r}; its columns are {sorted(batch)}")
         images = batch[self.image_column]
         S, g = tok.config.image_size, tok.config.grid_size
         pixels, rows, errors = [], [], []

@@ -18,7 +18,6 @@ import torch
 from ..tokenizer import ViTVQTokenizer
 
 Precision = Literal["fp32", "bf16", "fp16"]
-CompileScope = Literal["model", "blocks"]
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOOKUP_PRECISION = "exact"  # what ViTVQTokenizer.encode asks nearest_code for
@@ -121,30 +120,6 @@ def cast_for_inference(tok: ViTVQTokenizer, precision: Precision) -> ViTVQTokeni
     return tok
 
 
-def compile_modules(tok: ViTVQTokenizer, *, mode: str | None = None, scope: CompileScope = "model") -> ViTVQTokenizer:
-    """`torch.compile` the encoder and decoder in place (state-dict keys are unchanged).
-
-    Args:
-        mode: a `torch.compile` mode (`None`, `"reduce-overhead"`, `"max-autotune"`, ...).
-        scope: `"model"` compiles each of encoder and decoder whole (fastest kernels);
-            `"blocks"` compiles each transformer block, which compiles in a fraction of the
-            time because identical blocks share one compiled graph.
-
-    The quantizer is left eager: its lookup goes through `nearest_code`, whose GPU path
-    is already a fused kernel.
-    """
-    if scope == "model":
-        tok.encoder.compile(mode=mode)
-        tok.decoder.compile(mode=mode)
-    elif scope == "blocks":
-        for part in (tok.encoder, tok.decoder):
-            for block in part.transformer.blocks:
-                block.compile(mode=mode)
-    else:
-        raise ValueError(f"scope must be 'model' or 'blocks', got {scope!r}")
-    return tok
-
-
 def prepare_for_inference(
     tok: ViTVQTokenizer,
     *,
@@ -159,7 +134,7 @@ def prepare_for_inference(
     prec = pick_precision(precision, dev)
     tok = cast_for_inference(tok.to(dev).eval(), prec)
     if compile:
-        compile_modules(tok)
+        tok.compile()
     info = ModelInfo(
         model_id=model_id,
         revision=resolve_revision(model_id, revision) if model_id != "default" else revision,
@@ -187,7 +162,6 @@ __all__ = [
     "pick_precision",
     "lookup_backend",
     "cast_for_inference",
-    "compile_modules",
     "prepare_for_inference",
     "synchronize",
 ]

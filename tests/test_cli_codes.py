@@ -1,0 +1,171 @@
+"""`vit-vq encode`, `decode` and `reconstruct` on real photos with a tiny model, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from vit_vq import ViTVQConfig, ViTVQTokenizer
+from vit_vq.cli.common import NO_DEFAULT
+from vit_vq.cli.main import main
+from vit_vq.data import list_images, load_image
+from vit_vq.pipeline.codes import load_codes
+
+FAST = ["--num-workers", "0", "--device", "cpu"]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([*map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def api_codes_and_pixels(model_dir, files) -> tuple[torch.Tensor, torch.Tensor, ViTVQTokenizer]:
+    """Codes computed without the CLI: load each file, preprocess with the public API, encode."""
+    tok = ViTVQTokenizer.from_pretrained(model_dir)
+    pixels = tok.preprocess([load_image(f) for f in files])
+    return tok.encode(pixels), pixels, tok
+
+
+def png(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def uint8(images: torch.Tensor) -> np.ndarray:
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def test_encode_decode_round_trip(capsys, tmp_path, photo_dir, tiny_tokenizer_dir):
+    codes_path = tmp_path / "codes.safetensors"
+    code, _, err = run_cli(capsys, "encode", photo_dir, "-o", codes_path, "--model", tiny_tokenizer_dir, *FAST)
+    assert code == 0, err
+    assert "resized 6 of 6 images to 32x32" in err  # 96x96 photos, 32 px model: the command says it resized
+
+    files = list_images(photo_dir)
+    expected, _, tok = api_codes_and_pixels(tiny_tokenizer_dir, files)
+    loaded = load_codes(codes_path)
+    assert loaded.names == [str(f.relative_to(photo_dir)) for f in files]
+    assert torch.equal(loaded.codes, expected) and loaded.codes.dtype == torch.int64
+    assert loaded.grid == (8, 8) and loaded.codebook_size == 256
+    assert loaded.model.model_id == str(tiny_tokenizer_dir.resolve())
+    assert loaded.model.config_hash == tok.config.config_hash()
+    assert loaded.model.revision is None
+    assert loaded.model.precision == "fp32" and loaded.model.lookup_backend and loaded.model.lookup_precision == "exact"
+    with safe_open(str(codes_path), framework="np") as f:
+        assert f.get_tensor("codes").dtype == np.uint8  # smallest dtype for 256 codes
+        assert json.loads(f.metadata()["grid"]) == [8, 8]
+
+    # a second encode, naming the files one by one, gives identical codes
+    code, _, err = run_cli(capsys, "encode", *files, "-o", tmp_path / "again.safetensors", "--model", tiny_tokenizer_dir, *FAST)
+    assert code == 0, err
+    assert torch.equal(load_codes(tmp_path / "again.safetensors").codes, expected)
+
+    # decode without --model uses the recorded model; PNGs equal the API's decode, named after the inputs
+    out = tmp_path / "decoded"
+    code, _, err = run_cli(capsys, "decode", codes_path, "-o", out, "--num-workers", "0", "--device", "cpu")
+    assert code == 0, err
+    decoded = uint8(tok.decode(expected))
+    for name, image in zip(loaded.names, decoded, strict=True):
+        np.testing.assert_array_equal(png((out / name).with_suffix(".png")), image)
+
+
+def test_reconstruct_side_by_side_and_psnr(capsys, tmp_path, photo_dir, tiny_tokenizer_dir):
+    photo = sorted(photo_dir.glob("*.png"))[0]
+    target = tmp_path / "pair.png"
+    code, out, err = run_cli(capsys, "reconstruct", photo, "-o", target, "--model", tiny_tokenizer_dir, *FAST)
+    assert code == 0, err
+    codes, pixels, tok = api_codes_and_pixels(tiny_tokenizer_dir, [photo])
+    recon = tok.decode(codes)
+    pair = png(target)
+    assert pair.shape == (32, 64, 3)
+    np.testing.assert_array_equal(pair[:, :32], uint8(pixels)[0])  # original | ...
+    np.testing.assert_array_equal(pair[:, 32:], uint8(recon)[0])  # ... | reconstruction
+
+    mse = ((pixels.double().numpy() - recon.double().numpy()) ** 2).mean()
+    printed = float(out.split("PSNR ")[1].split(" dB")[0])
+    assert printed == pytest.approx(10 * np.log10(1 / mse), abs=0.006)
+
+    # several images into a folder: one PNG each, and the reconstruction matches `decode` of `encode`'s codes
+    folder = tmp_path / "pairs"
+    code, out, err = run_cli(capsys, "reconstruct", photo_dir, "-o", folder, "--model", tiny_tokenizer_dir, *FAST)
+    assert code == 0, err
+    assert "mean PSNR over 6 images" in out
+    run_cli(capsys, "encode", photo_dir, "-o", tmp_path / "c.safetensors", "--model", tiny_tokenizer_dir, *FAST)
+    run_cli(capsys, "decode", tmp_path / "c.safetensors", "-o", tmp_path / "dec", "--model", tiny_tokenizer_dir, *FAST)
+    for name in load_codes(tmp_path / "c.safetensors").names:
+        np.testing.assert_array_equal(png(folder / name)[:, 32:], png(tmp_path / "dec" / name))
+
+
+def test_resize_none_rejects_other_sizes(capsys, tmp_path, photo_dir, tiny_tokenizer_dir):
+    code, _, err = run_cli(
+        capsys, "encode", photo_dir, "-o", tmp_path / "c.safetensors", "--resize", "none", "--model", tiny_tokenizer_dir, *FAST
+    )
+    assert code == 2
+    assert "is 96x96 px but the model takes 32x32; use --resize crop" in err
+    exact = tmp_path / "exact.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(exact)
+    code, _, err = run_cli(
+        capsys, "encode", exact, "-o", tmp_path / "c.safetensors", "--resize", "none", "--model", tiny_tokenizer_dir, *FAST
+    )
+    assert code == 0, err
+    assert "resized" not in err
+
+
+def _bad_inputs(tmp_path, photo_dir, model):
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text(ViTVQConfig.from_preset("tiny").to_json())
+    other = tmp_path / "other_model"
+    ViTVQTokenizer(ViTVQConfig.from_preset("tiny", codebook_size=128)).save_pretrained(other)
+    out = tmp_path / "c.safetensors"
+    return [
+        (["encode", tmp_path / "missing.png", "-o", out, "--model", model], "no such file or folder"),
+        (["encode", text, "-o", out, "--model", model], "notes.png: not a readable image"),
+        (["encode", photo_dir, "-o", out, "--model", no_weights], "has no model.safetensors"),
+        (["encode", photo_dir, "-o", tmp_path / "c.bin", "--model", model], "must end in .safetensors"),
+        (["encode", photo_dir, "-o", out, "--model", tmp_path / "missing_model"], "no tokenizer folder at"),
+        (["reconstruct", photo_dir, "-o", tmp_path / "x.png", "--model", model], "names one PNG but several images"),
+        (["decode", tmp_path / "missing.safetensors", "-o", tmp_path / "d", "--model", model], "no such codes file"),
+        (["decode", model / "model.safetensors", "-o", tmp_path / "d", "--model", model], "not a vit_vq codes file"),
+        (["decode", "CODES", "-o", tmp_path / "d", "--model", other], "config hash .* decode with the model that encoded them"),
+    ]
+
+
+def test_bad_input_exits_nonzero_with_one_line(capsys, tmp_path, photo_dir, tiny_tokenizer_dir):
+    codes = tmp_path / "good.safetensors"
+    assert run_cli(capsys, "encode", photo_dir, "-o", codes, "--model", tiny_tokenizer_dir, *FAST)[0] == 0
+    import re
+
+    for argv, message in _bad_inputs(tmp_path, photo_dir, tiny_tokenizer_dir):
+        argv = [codes if a == "CODES" else a for a in argv]
+        code, _, err = run_cli(capsys, *argv, *FAST)
+        lines = [ln for ln in err.splitlines() if "error:" in ln]
+        assert code == 2, (argv, err)
+        assert len(lines) == 1 and re.search(message, lines[0]), (argv, err)
+        assert "Traceback" not in err
+
+
+def test_missing_model_asks_for_one(capsys, tmp_path, photo_dir, monkeypatch):
+    monkeypatch.delattr(ViTVQTokenizer, "default", raising=False)
+    code, _, err = run_cli(capsys, "encode", photo_dir, "-o", tmp_path / "c.safetensors", *FAST)
+    assert code == 2 and NO_DEFAULT in err
+
+
+@pytest.mark.slow
+def test_compile_flag_gives_the_same_codes(capsys, tmp_path, photo_dir, tiny_tokenizer_dir, single_thread):
+    eager, compiled = tmp_path / "eager.safetensors", tmp_path / "compiled.safetensors"
+    assert run_cli(capsys, "encode", photo_dir, "-o", eager, "--model", tiny_tokenizer_dir, *FAST)[0] == 0
+    code, _, err = run_cli(capsys, "encode", photo_dir, "-o", compiled, "--model", tiny_tokenizer_dir, "--compile", *FAST)
+    assert code == 0, err
+    assert torch.equal(load_codes(compiled).codes, load_codes(eager).codes)
+    tok = ViTVQTokenizer.from_pretrained(tiny_tokenizer_dir)
+    keys = set(tok.state_dict())
+
+    assert set(tok.compile().state_dict()) == keys  # compiled in place: save_pretrained keeps working

@@ -1,0 +1,125 @@
+"""`TokenizeBatch` in `datasets.Dataset.map(batched=True)`, pickled, and with Ray-style numpy batches."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vit_vq import ViTVQTokenizer
+from vit_vq.pipeline import TokenizeBatch
+
+
+@pytest.fixture
+def tok(tiny_tokenizer_dir) -> ViTVQTokenizer:
+    return ViTVQTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+def test_datasets_map_batched(tmp_path, photos, tiny_tokenizer_dir, tok):
+    import datasets
+
+    images = [Image.fromarray(p).resize((40, 36)) for p in photos[:5]]
+    encoded = []
+    for im in images:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        encoded.append({"bytes": buf.getvalue(), "path": None})
+    encoded[2] = {"bytes": b"not an image", "path": None}
+    ds = datasets.Dataset.from_dict({"image": encoded, "label": list(range(5))})
+    ds = ds.cast_column("image", datasets.Image(decode=False))
+
+    fn = TokenizeBatch(str(tiny_tokenizer_dir), device="cpu")
+    out = ds.map(fn, batched=True, batch_size=2)
+    assert set(out.column_names) == {"image", "label", "codes", "ok", "error"}
+    assert out["ok"] == [True, True, False, True, True]
+    assert out["error"][2].startswith("UnidentifiedImageError") and out["error"][0] == ""
+    expected = tok.encode(tok.preprocess([images[i] for i in (0, 1, 3, 4)]))
+    got = torch.tensor(np.array([out[i]["codes"] for i in (0, 1, 3, 4)]))
+    assert torch.equal(got.long(), expected)
+    assert fn.info.config_hash == tok.config.config_hash() and fn.info.precision == "fp32"
+
+
+def test_pickle_drops_the_loaded_model(tiny_tokenizer_dir, photos, tok):
+    fn = TokenizeBatch(str(tiny_tokenizer_dir), device="cpu")
+    batch = {"image": [Image.fromarray(p) for p in photos[:2]]}
+    first = fn(batch)
+    blob = pickle.dumps(fn)
+    assert len(blob) < 2000  # the id and settings, not the weights
+    again = pickle.loads(blob)(batch)
+    np.testing.assert_array_equal(first["codes"], again["codes"])
+    assert first["codes"].dtype == np.uint8 and first["codes"].shape == (2, 8, 8)
+
+
+def test_ray_style_numpy_batch(tiny_tokenizer_dir, photos, tok):
+    stack = np.stack([np.asarray(Image.fromarray(p).resize((32, 32))) for p in photos[:3]])  # (3, 32, 32, 3) uint8
+    batch = {"image": stack, "path": np.array(["a.png", "b.png", "c.png"])}
+    fn = TokenizeBatch(str(tiny_tokenizer_dir), passthrough=("path",), device="cpu", resize="none")
+    out = fn(batch)
+    assert set(out) == {"path", "codes", "ok", "error"}
+    assert out["ok"].tolist() == [True, True, True]
+    np.testing.assert_array_equal(out["path"], batch["path"])
+    expected = tok.encode(torch.from_numpy(stack).permute(0, 3, 1, 2).contiguous())  # uint8 [B, 3, 32, 32]
+    assert torch.equal(torch.from_numpy(out["codes"].astype(np.int64)), expected)
+
+    wrong_size = {"image": [np.zeros((20, 30, 3), np.uint8)], "path": ["d.png"]}
+    res = fn(wrong_size)
+    assert res["ok"].tolist() == [False] and "30x20 px but the model takes 32x32" in res["error"][0]
+    with pytest.raises(KeyError, match="no column 'pixels'"):
+        TokenizeBatch(str(tiny_tokenizer_dir), image_column="pixels", device="cpu")(batch)
+
+
+def test_in_memory_tokenizer(tok, photos):
+    fn = TokenizeBatch(tok, device="cpu")
+    out = fn({"image": [torch.from_numpy(photos[0]).permute(2, 0, 1)]})
+    assert out["ok"].tolist() == [True] and fn.info.model_id == "<in-memory>"
+
+
+class FakeRayDataset:
+    """Just the Ray Data calls `examples/tokenize_with_ray.py` makes, run in-process (Ray is an optional extra)."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+
+    @classmethod
+    def read_images(cls, root, *, mode, include_paths):
+        from pathlib import Path
+
+        assert mode == "RGB" and include_paths
+        files = sorted(Path(root).rglob("*.png"))
+        images = np.empty(len(files), dtype=object)  # ragged sizes: an object column, as in Ray
+        for i, f in enumerate(files):
+            images[i] = np.asarray(Image.open(f).convert("RGB"))
+        return cls([{"image": images, "path": np.array([str(f) for f in files])}])
+
+    def map_batches(self, fn_cls, *, fn_constructor_kwargs, batch_size, batch_format, concurrency, num_gpus):
+        assert batch_format == "numpy" and concurrency >= 1 and num_gpus == 0
+        fn = pickle.loads(pickle.dumps(fn_cls(**fn_constructor_kwargs)))  # an actor's copy
+        rows = self.batches[0]
+        n = len(rows["path"])
+        return FakeRayDataset([fn({k: v[i : i + batch_size] for k, v in rows.items()}) for i in range(0, n, batch_size)])
+
+
+def test_ray_example_pipeline(tiny_tokenizer_dir, photo_dir, tok):
+    import argparse
+    import importlib.util
+    import types
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "tokenize_with_ray.py"
+    spec = importlib.util.spec_from_file_location("tokenize_with_ray", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = argparse.Namespace(
+        data=str(photo_dir), model=str(tiny_tokenizer_dir), revision=None, batch_size=4, workers=2,
+        gpus_per_worker=0, precision="fp32", resize="crop",
+    )
+    result = example.build_pipeline(types.SimpleNamespace(data=FakeRayDataset), args)
+    paths = [p for b in result.batches for p in b["path"]]
+    codes = np.concatenate([b["codes"] for b in result.batches])
+    assert len(paths) == 6 and all(ok for b in result.batches for ok in b["ok"])
+    expected = tok.encode(tok.preprocess([Image.open(p) for p in paths]))
+    assert torch.equal(torch.from_numpy(codes.astype(np.int64)), expected)
