@@ -162,7 +162,7 @@ def load_checkpoint(accelerator: Any, folder: Path) -> tuple[TrainerState, dict[
     """
     from safetensors.torch import load_file
 
-    accelerator.load_state(str(folder), strict=True)
+    accelerator.load_state(str(folder), load_kwargs={"weights_only": True}, strict=True)
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     pool = folder / f"quantizer_pool_{accelerator.process_index}.safetensors"
     pool = pool if pool.is_file() else folder / "quantizer_pool_0.safetensors"

@@ -69,7 +69,7 @@ class TrainConfig:
     mixed_precision: MixedPrecision = _f("auto", "autocast dtype; auto: bf16 on GPUs that support it, else no")
     model_ema_decay: float = _f(0.0, "keep an EMA of the weights with this decay (0: off); exported when on")
     seed: int = _f(0, "seed of the model init, data order and augmentations")
-    compile: bool = _f(False, "torch.compile the encoder, decoder and perceptual network")
+    compile: bool = _f(False, "torch.compile the transformer blocks and the perceptual loss")
     # -- losses --------------------------------------------------------------------------
     l2_weight: float = _f(1.0, "weight of the pixel MSE")
     l1_weight: float = _f(0.0, "weight of the pixel L1")

@@ -48,7 +48,7 @@ def pixel_losses(recon: torch.Tensor, target: torch.Tensor, l2_weight: float, l1
 
 
 class VGGTaps(nn.Module):
-    """Images float `[B, 3, H, W]` in [0, 1] -> unit-normalised float32 features at the five LPIPS layers."""
+    """Images float `[B, 3, H, W]` in [0, 1] -> raw VGG16 features `[B, C_l, H_l, W_l]` at the five LPIPS layers."""
 
     def __init__(self, features: nn.Sequential) -> None:
         super().__init__()
@@ -67,9 +67,13 @@ class VGGTaps(nn.Module):
         for i, layer in enumerate(self.features):
             x = layer(x)
             if i in LPIPS_LAYERS:
-                f = x.float()  # (B, C_l, H_l, W_l)
-                out.append(f * torch.rsqrt(f.pow(2).sum(1, keepdim=True) + 1e-10))
+                out.append(x)
         return out
+
+
+def _sq_norm(f: torch.Tensor) -> torch.Tensor:
+    """`sum_c f^2` accumulated in float32: `[B, C, H, W]` -> `[B, H, W]`."""
+    return torch.linalg.vector_norm(f, dim=1, dtype=torch.float32).square()
 
 
 class PerceptualLoss(nn.Module):
@@ -81,7 +85,14 @@ class PerceptualLoss(nn.Module):
     `forward(recon, target)` takes float `[B, 3, H, W]` in [0, 1] (recon may stray outside
     while training) and returns a float32 scalar. No gradient reaches `target` or the VGG weights.
     On CUDA, move it with `.to(device, memory_format=torch.channels_last)` for faster convolutions.
+
+    Per layer and position, with `a`, `b` the feature vectors and `n = |.|^2 + eps`, the
+    distance of the unit vectors `|a/sqrt(n_a) - b/sqrt(n_b)|^2` is computed as
+    `|a|^2/n_a + |b|^2/n_b - 2 a.b / sqrt(n_a n_b)`: channel reductions only, so no normalised
+    float32 copy of the (large, early-layer) feature maps is made or kept for the backward pass.
     """
+
+    eps = 1e-10
 
     def __init__(self, features: nn.Sequential) -> None:
         super().__init__()
@@ -95,9 +106,13 @@ class PerceptualLoss(nn.Module):
             raise ValueError(f"expected two image batches [B, 3, H, W], got {tuple(recon.shape)} and {tuple(target.shape)}")
         with torch.no_grad():
             ref = self.net(target)
+            ref_n = [_sq_norm(b) + self.eps for b in ref]  # (B, H_l, W_l)
         loss = recon.new_zeros((), dtype=torch.float32)
-        for a, b in zip(self.net(recon), ref, strict=True):
-            loss = loss + (a - b).pow(2).sum(1).mean()  # (B, H_l, W_l) -> scalar
+        for a, b, nb in zip(self.net(recon), ref, ref_n, strict=True):
+            na = _sq_norm(a) + self.eps  # (B, H_l, W_l)
+            dot = (a * b).sum(1, dtype=torch.float32)  # (B, H_l, W_l)
+            dist = (na - self.eps) / na + (nb - self.eps) / nb - 2 * dot * torch.rsqrt(na * nb)
+            loss = loss + dist.mean()
         return loss
 
 
@@ -123,9 +138,7 @@ def build_perceptual_loss(
         PerceptualWeightsUnavailable: no usable weights; the message says how to provide them.
         FileNotFoundError: `weights_path` does not exist. ValueError: it is not a VGG16 state dict.
     """
-    import torchvision
-
-    vgg = torchvision.models.vgg16(weights=None)
+    features = vgg16_features()
     if weights_path is not None:
         state = load_vgg16_file(weights_path)
     else:
@@ -135,9 +148,19 @@ def build_perceptual_loss(
             if not allow_random_init:
                 raise PerceptualWeightsUnavailable(_unavailable_message(str(err), weight)) from None
             logger.warning("VGG16 weights unavailable (%s); using a random VGG16 as allowed", err)
-            return PerceptualLoss(vgg.features)
-    _load_features(vgg.features, state, str(weights_path or "torchvision VGG16_Weights.IMAGENET1K_V1"))
-    return PerceptualLoss(vgg.features)
+            return PerceptualLoss(features)
+    _load_features(features, state, str(weights_path or "torchvision VGG16_Weights.IMAGENET1K_V1"))
+    return PerceptualLoss(features)
+
+
+def vgg16_features() -> nn.Sequential:
+    """torchvision's VGG16 convolutional trunk (`vgg16().features`), randomly initialised.
+
+    Built without the 100M-parameter classifier, which the perceptual loss does not use.
+    """
+    from torchvision.models.vgg import cfgs, make_layers
+
+    return make_layers(cfgs["D"], batch_norm=False)
 
 
 def load_vgg16_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -174,9 +197,7 @@ def torchvision_vgg16_state(download_timeout: float) -> dict[str, torch.Tensor]:
     Raises:
         PerceptualWeightsUnavailable: not cached and the download is disabled, unreachable or failed.
     """
-    from torchvision.models import VGG16_Weights
-
-    url = VGG16_Weights.IMAGENET1K_V1.url
+    url = vgg16_url()
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
     if cached.is_file():
         return load_vgg16_file(cached)
@@ -192,10 +213,15 @@ def torchvision_vgg16_state(download_timeout: float) -> dict[str, torch.Tensor]:
     return load_vgg16_file(cached)
 
 
-def _unavailable_message(reason: str, weight: float | None) -> str:
+def vgg16_url() -> str:
+    """Where torchvision downloads its ImageNet VGG16 weights from."""
     from torchvision.models import VGG16_Weights
 
-    name = Path(urllib.parse.urlparse(VGG16_Weights.IMAGENET1K_V1.url).path).name
+    return VGG16_Weights.IMAGENET1K_V1.url
+
+
+def _unavailable_message(reason: str, weight: float | None) -> str:
+    name = Path(urllib.parse.urlparse(vgg16_url()).path).name
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     what = f"perceptual_weight={weight:g}" if weight is not None else "the perceptual loss"
     return (
@@ -214,6 +240,7 @@ __all__ = [
     "PerceptualWeightsUnavailable",
     "build_perceptual_loss",
     "load_vgg16_file",
+    "vgg16_features",
     "pixel_losses",
     "torchvision_vgg16_state",
     "LPIPS_LAYERS",

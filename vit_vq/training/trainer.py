@@ -141,7 +141,15 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
         self._fsdp = acc.distributed_type == DistributedType.FSDP
+        if acc.num_processes == 1 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise RuntimeError(
+                f"this is one of {torch.distributed.get_world_size()} processes, but accelerate configured a single-process "
+                "run (the ranks would overwrite each other's files); on machines without GPUs launch with "
+                "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N ..."
+            )
         set_seed(cfg.seed)  # same on every rank: identical initial weights and codebooks
+        if acc.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed image sizes: let cuDNN pick the fastest convolutions
 
         model = model if model is not None else build_model(cfg)
         model.train()
@@ -164,24 +172,24 @@ class Trainer:
         )
 
         model.to(acc.device)
-        fused = acc.device.type in ("cuda", "cpu") and not self._fsdp and acc.distributed_type != DistributedType.DEEPSPEED
-        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.adam_betas, fused=fused)
+        # fused AdamW on GPUs (on CPU, torch's fused kernel is slower than the default foreach one)
+        fused = acc.device.type == "cuda" and not self._fsdp and acc.distributed_type != DistributedType.DEEPSPEED
+        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.adam_betas, fused=fused or None)
         schedule = lr_lambda(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         if cfg.model_ema_decay > 0 and self._fsdp:
             raise ValueError("model_ema_decay > 0 is not supported under FSDP (the weights are sharded); set it to 0")
         self.ema = ModelEMA(model, cfg.model_ema_decay) if cfg.model_ema_decay > 0 else None
         if cfg.compile:
-            model.encoder.compile()
-            model.decoder.compile()
+            model.compile(scope="blocks")  # identical blocks share one graph: compiles in seconds, not minutes
             if self.perceptual is not None:
-                self.perceptual.net.compile()
+                self.perceptual.compile()
         self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
         self.discriminator = self.d_optimizer = self.d_scheduler = None
         if cfg.adversarial:
             disc = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers, model.config.in_channels).to(acc.device)
             d_lr = cfg.disc_lr or cfg.lr
-            d_opt = torch.optim.AdamW(disc.parameters(), lr=d_lr, betas=(0.5, 0.9), weight_decay=0.0, fused=fused)
+            d_opt = torch.optim.AdamW(disc.parameters(), lr=d_lr, betas=(0.5, 0.9), weight_decay=0.0, fused=fused or None)
             d_sched = torch.optim.lr_scheduler.LambdaLR(d_opt, schedule)
             self.discriminator, self.d_optimizer, self.d_scheduler = acc.prepare(disc, d_opt, d_sched)
         self._models = [m for m in (self.model, self.discriminator) if m is not None]
@@ -238,6 +246,7 @@ class Trainer:
                     real, fake = logits.chunk(2)
                     parts["d_loss"] = hinge_d_loss(real, fake)
                 acc.backward(parts["d_loss"])
+                self._nonfinite += (~torch.isfinite(parts["d_loss"].detach())).float()
             self._nonfinite += (~torch.isfinite(total.detach())).float()
             parts.update(loss=total, codebook=out.codebook_loss, commit=out.commit_loss, **out.metrics)
             self._last_parts = {k: v.detach() for k, v in parts.items()}
@@ -279,13 +288,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if use_disc:
-            # under fp16 the clip above already unscaled every optimizer; a second unscale would raise
-            clip = torch.nn.utils.clip_grad_norm_ if acc.mixed_precision == "fp16" else acc.clip_grad_norm_
-            clip(self.discriminator.parameters(), max_norm)
-            self.d_optimizer.step()
-            self.d_optimizer.zero_grad(set_to_none=True)
-        if self.d_scheduler is not None:
-            self.d_scheduler.step()
+            self._discriminator_step(max_norm)
         self.unwrapped.quantizer.update_codebook()  # every rank: all-reduces statistics, broadcasts restarts
         if self.ema is not None:
             self.ema.update(self.unwrapped)
@@ -293,6 +296,21 @@ class Trainer:
         self.state.step += 1
         lr = torch.tensor(self.scheduler.get_last_lr()[0], device=acc.device)
         self.meter.add({"grad_norm": grad_norm.float(), "lr": lr})
+
+    def _discriminator_step(self, max_norm: float) -> None:
+        acc = self.accelerator
+        if acc.mixed_precision == "fp16" and acc.scaler is not None:
+            # The clip above unscaled the gradients of every optimizer, this one's included, and the
+            # generator's step has already updated the scale; the scaler would unscale these
+            # gradients a second time, so step the plain optimizer and skip overflowed steps here.
+            norm = torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), max_norm)
+            if torch.isfinite(norm):
+                self.d_optimizer.optimizer.step()
+        else:
+            acc.clip_grad_norm_(self.discriminator.parameters(), max_norm)
+            self.d_optimizer.step()
+        self.d_optimizer.zero_grad(set_to_none=True)
+        self.d_scheduler.step()  # the discriminator's schedule starts with it
 
     def _diverged(self) -> None:
         parts = ", ".join(f"{k}={v.item():.4g}" for k, v in self._last_parts.items() if v.numel() == 1)
@@ -346,12 +364,16 @@ class Trainer:
             self._after_step(bar)
             if st.step >= cfg.max_steps:
                 return
-        skipped = int(self.accelerator.reduce(torch.tensor(len(self._skipped), device=acc.device), "sum").item()) \
-            if acc.num_processes > 1 else len(self._skipped)
         metrics = self.epoch_meter.read(self._reduce_mean)
-        self._info(epoch_summary(st.epoch, st.step, images, time.perf_counter() - start, metrics, skipped))
+        summary = epoch_summary(st.epoch, st.step, images, time.perf_counter() - start, metrics, self._skipped_total())
+        self._info(summary)
         st.epoch += 1
         st.batch_in_epoch = 0
+
+    def _skipped_total(self) -> int:
+        """Unreadable files seen so far, summed over ranks (collective)."""
+        count = torch.tensor(len(self._skipped), device=self.accelerator.device)
+        return int(self.accelerator.reduce(count, "sum").item()) if self.accelerator.num_processes > 1 else int(count)
 
     def _note_skipped(self, skipped: list[dict[str, str]]) -> None:
         for item in skipped:
@@ -363,7 +385,7 @@ class Trainer:
         cfg, step = self.config, self.state.step
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             values = self.meter.read(self._reduce_mean)
-            values["skipped"] = float(len(self._skipped))
+            values["skipped"] = float(self._skipped_total())
             self.accelerator.log(values, step=step)
             self.history.append({"step": float(step), **values})
             bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4g}", usage=f"{values.get('usage', 0):.2f}")
