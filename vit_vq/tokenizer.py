@@ -158,7 +158,8 @@ class ViTVQTokenizer(
             int64 `[B, S/p, S/p]`, or an `EncodeOutput` when `return_latents`.
 
         Raises:
-            TypeError: unsupported dtype. ValueError: wrong rank/channels/size, NaN/Inf, out of [0, 1].
+            TypeError: an unsupported dtype.
+            ValueError: wrong rank, channels or size; NaN/Inf; values outside [0, 1].
         """
         latents = self.encoder(self._to_model_space(images, validate))  # (B, h*w, D)
         z = self.quantizer.prepare(latents)
@@ -172,8 +173,8 @@ class ViTVQTokenizer(
         """Codes int `[B, h, w]` or `[B, h*w]` in `[0, codebook_size)` -> float `[B, 3, S, S]` in [0, 1].
 
         Raises:
-            TypeError: non-integer codes. ValueError: wrong grid, or codes out of range
-            (checked before any gather).
+            TypeError: non-integer codes.
+            ValueError: a wrong grid, or codes out of range (checked before any gather).
         """
         return self.decode_latents(self.embed_codes(indices, validate=validate)).clamp(0, 1)
 
