@@ -19,8 +19,8 @@ import torch
 
 DEFAULT_MAX_TEMP_BYTES = 64 * 2**20
 GROUP = 256  # codes per group in the two-step minimum
-CPU_BLOCK_BYTES = 8 * 2**20  # score block kept cache-sized on CPU (measured: 4-8 MiB is the plateau)
-MIN_BLOCK_ROWS = 16  # split the codebook only when fewer rows than this would fit the budget
+CPU_SCORE_BYTES = 4 * 2**20  # score block kept cache-sized on CPU
+MIN_BLOCK_ROWS = 32  # split the codebook only when fewer rows than this would fit
 
 
 @dataclass
@@ -57,24 +57,48 @@ def merge_candidates(first: Candidates, later: Candidates) -> Candidates:
     )
 
 
-def block_shape(n_rows: int, n_codes: int, budget: int) -> tuple[int, int]:
-    """`(rows, codes)` per block so that the block's temporaries stay within `budget` bytes.
+def squared_norms(
+    x: torch.Tensor, max_temp_bytes: int = DEFAULT_MAX_TEMP_BYTES, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """`[rows]` in `dtype`: the sum of squares of each row of `x`, in blocks of at most `max_temp_bytes`.
 
-    The whole codebook is one block unless even `MIN_BLOCK_ROWS` rows of it would not fit.
+    A plain sum of squares (not a rounded norm squared), so equal rows, and integer-valued rows, get
+    exactly equal values.
+    """
+    out = torch.empty(x.shape[0], dtype=dtype, device=x.device)
+    step = max(1, max_temp_bytes // (dtype.itemsize * x.shape[1]))
+    for r0 in range(0, x.shape[0], step):
+        torch.sum(x[r0 : r0 + step].to(dtype).square(), dim=1, out=out[r0 : r0 + step])
+    return out
+
+
+def block_shape(n_rows: int, n_codes: int, max_temp_bytes: int, *, cpu: bool) -> tuple[int, int]:
+    """`(rows, codes)` per block, so that a block's temporaries stay within `max_temp_bytes`.
+
+    The whole codebook is one block unless `MIN_BLOCK_ROWS` rows of it would not fit. On CPU the
+    score block is also held to `CPU_SCORE_BYTES` (cache-sized: the grouped `amin` slows ~10x once
+    the block spills out of cache) and rows come in multiples of 32 (whole vectors for that `amin`).
     A block never goes below one row by one group of codes.
     """
     group = min(GROUP, n_codes)
 
-    def bytes_per_row(codes: int) -> int:
-        padded = -(-codes // group) * group
-        return 4 * padded + 8 * (padded // group) + 16 * group  # scores, group minima, gathered group
+    def padded(codes: int) -> int:
+        return -(-codes // group) * group
 
+    def bytes_per_row(codes: int) -> int:
+        return 4 * padded(codes) + 8 * (padded(codes) // group) + 16 * group  # scores, group minima, a group
+
+    min_rows = min(MIN_BLOCK_ROWS, n_rows)
+    score_limit = min(max_temp_bytes, CPU_SCORE_BYTES) if cpu else max_temp_bytes
     codes = n_codes
-    if bytes_per_row(codes) * min(MIN_BLOCK_ROWS, n_rows) > budget:
-        codes = max(group, budget // (4 * min(MIN_BLOCK_ROWS, n_rows)) // group * group)
-        codes = min(codes, n_codes)
-    rows = max(1, min(n_rows, budget // bytes_per_row(codes)))
-    return rows, codes
+    if bytes_per_row(codes) * min_rows > max_temp_bytes or 4 * padded(codes) * min_rows > score_limit:
+        codes = min(n_codes, max(group, score_limit // (4 * min_rows) // group * group))
+    rows = max_temp_bytes // bytes_per_row(codes)
+    if cpu:
+        rows = min(rows, CPU_SCORE_BYTES // (4 * padded(codes)))
+    if rows >= 64:
+        rows = rows // 32 * 32
+    return max(1, min(n_rows, rows)), codes
 
 
 def search_torch(
@@ -97,8 +121,7 @@ def search_torch(
         input_rounding: recorded in the result (torch's fp32 matmul setting, see `exact`).
     """
     n_rows, n_codes = z.shape[0], codebook.shape[0]
-    budget = min(max_temp_bytes, CPU_BLOCK_BYTES) if z.device.type == "cpu" else max_temp_bytes
-    rows, codes = block_shape(n_rows, n_codes, budget)
+    rows, codes = block_shape(n_rows, n_codes, max_temp_bytes, cpu=z.device.type == "cpu")
     group = min(GROUP, n_codes)
     padded = -(-codes // group) * group
     scores = torch.empty(padded * rows, dtype=torch.float32, device=z.device)
