@@ -73,7 +73,7 @@ def _rescore_kernel(
             dd = d0 + dims
             zc = tl.load(z_rows + dd[None, :] * stride_zd, mask=r_ok[:, None] & (dd[None, :] < D), other=0.0)
             ec = tl.load(e_rows + dd[None, :] * stride_ed, mask=code_ok[:, None] & (dd[None, :] < D), other=0.0)
-            dot = tl.dot(zc.to(tl.float64), tl.trans(ec.to(tl.float64)), dot)
+            dot = tl.dot(zc.to(tl.float64), tl.trans(ec.to(tl.float64)), dot, out_dtype=tl.float64)
         e_sq = tl.load(e_sq_ptr + codes, mask=code_ok, other=float("inf"))
         s = e_sq[None, :] - 2.0 * dot  # (BLOCK_R, BLOCK_K); codes past the split score +inf
         tile_best = tl.min(s, axis=1)
