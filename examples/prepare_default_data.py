@@ -59,23 +59,23 @@ PLASMA_PHOTOS = (
     "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf",
     "Grey", "Kite", "OneStandsOut", "Path", "summer_1am",
 )
-# file stem -> licence (from /usr/share/doc/lomiri-wallpapers-*/copyright)
+# file stem -> (licence, author), from /usr/share/doc/lomiri-wallpapers-*/copyright
 LOMIRI_PHOTOS = {
-    "Bridge_by_Sander_Klootwijk": "CC-BY-SA-4.0",
-    "Dragonfly_by_Bolly": "CC-BY-SA-4.0",
-    "Picture_0B_by_freespace": "CC-BY-4.0",
-    "Picture_1A_by_freespace": "CC-BY-4.0",
-    "Wine_by_Jakkub_Mede": "CC-BY-4.0",
-    "aitzgorri_by_Aitzol_Berasategi": "CC-BY-4.0",
-    "analogpattern_by_Peter_Nerlich": "CC-BY-SA-4.0",
-    "free_by_Peter_Nerlich": "CC-BY-SA-4.0",
-    "friends_by_Aitzol_Berasategi": "CC-BY-4.0",
-    "greentock_by_Peter_Nerlich": "CC-BY-SA-4.0",
-    "life_by_Aitzol_Berasategi": "CC-BY-4.0",
-    "picosdeeuropa_by_Aitzol_Berasategi": "CC-BY-4.0",
-    "seeding_by_Clements_Engelhardt": "CC0-1.0",
-    "sunset_by_Aitzol_Berasategi": "CC-BY-4.0",
-    "Kleiber_by_Lukas_Baubkus": "CC-BY-SA-3.0",
+    "Bridge_by_Sander_Klootwijk": ("CC-BY-SA-4.0", "Sander Klootwijk"),
+    "Dragonfly_by_Bolly": ("CC-BY-SA-4.0", "Bolly"),
+    "Picture_0B_by_freespace": ("CC-BY-4.0", "Trevor (Freespace)"),
+    "Picture_1A_by_freespace": ("CC-BY-4.0", "Trevor (Freespace)"),
+    "Wine_by_Jakkub_Mede": ("CC-BY-4.0", "Jakub Mede"),
+    "aitzgorri_by_Aitzol_Berasategi": ("CC-BY-4.0", "Aitzol Berasategi"),
+    "analogpattern_by_Peter_Nerlich": ("CC-BY-SA-4.0", "Peter Nerlich"),
+    "free_by_Peter_Nerlich": ("CC-BY-SA-4.0", "Peter Nerlich"),
+    "friends_by_Aitzol_Berasategi": ("CC-BY-4.0", "Aitzol Berasategi"),
+    "greentock_by_Peter_Nerlich": ("CC-BY-SA-4.0", "Peter Nerlich"),
+    "life_by_Aitzol_Berasategi": ("CC-BY-4.0", "Aitzol Berasategi"),
+    "picosdeeuropa_by_Aitzol_Berasategi": ("CC-BY-4.0", "Aitzol Berasategi"),
+    "seeding_by_Clements_Engelhardt": ("CC0-1.0", "Clemens Engelhardt"),
+    "sunset_by_Aitzol_Berasategi": ("CC-BY-4.0", "Aitzol Berasategi"),
+    "Kleiber_by_Lukas_Baubkus": ("CC-BY-SA-3.0", "Lukas Baubkus"),
 }
 OPENCV_PHOTOS = (
     "alphamat/input_images/plant.jpg", "data/aero1.jpg", "data/aero3.jpg", "data/aloeL.jpg",
@@ -129,9 +129,10 @@ def collect() -> list[tuple[Photo, Image.Image]]:
     for group in (SKIMAGE_COLOR, SKIMAGE_GREY):
         for key, (lic, by) in group.items():
             arr = getattr(skimage.data, key)()
-            add(f"skimage_{key}", "scikit-image", f"skimage.data.{key}()", lic, by, Image.fromarray(arr[..., :3] if arr.ndim == 3 else arr))
+            image = Image.fromarray(arr[..., :3] if arr.ndim == 3 else arr)
+            add(f"skimage_{key}", "scikit-image", f"skimage.data.{key}()", lic, by, image)
     samples = load_sample_images()
-    for key, arr in zip((Path(f).stem for f in samples.filenames), samples.images):
+    for key, arr in zip((Path(f).stem for f in samples.filenames), samples.images, strict=True):
         lic, by = SKLEARN[key]
         add(f"sklearn_{key}", "scikit-learn", f"sklearn.datasets.load_sample_images():{key}", lic, by, Image.fromarray(arr))
     for theme in PLASMA_PHOTOS:
@@ -140,12 +141,11 @@ def collect() -> list[tuple[Photo, Image.Image]]:
             raise FileNotFoundError(f"{PLASMA}/{theme}: install plasma-workspace-wallpapers")
         path = _largest(files)
         add(f"plasma_{theme}", "plasma-workspace-wallpapers", str(path), "GPL-2+", "KDE Visual Design Group", Image.open(path))
-    for stem, lic in LOMIRI_PHOTOS.items():
+    for stem, (lic, author) in LOMIRI_PHOTOS.items():
         path = Path(LOMIRI, f"{stem}.jpg")
         pkg = "lomiri-wallpapers-20.04" if stem.startswith("Kleiber") else "lomiri-wallpapers-16.04"
         if not path.exists():
             raise FileNotFoundError(f"{path}: install {pkg}")
-        author = stem.split("_by_")[1].replace("_", " ").strip()
         add(f"lomiri_{stem}", pkg, str(path), lic, author, Image.open(path))
     for rel in OPENCV_PHOTOS:
         path = Path(OPENCV, rel)
@@ -169,6 +169,25 @@ def shrink(image: Image.Image, short_side: int) -> Image.Image:
     if scale >= 1:
         return image
     return image.resize((round(w * scale), round(h * scale)), Image.Resampling.LANCZOS)
+
+
+def write_samples(photos: list[tuple[Photo, Image.Image]], folder: Path, short_side: int) -> None:
+    """The redistributable held-out photos as JPEGs (quality 90) plus `CREDITS.md` with their licences."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# Demo photos",
+        "",
+        "Held-out photos (never used to train the default tokenizer), downscaled to short side "
+        f"{short_side} px by `examples/prepare_default_data.py`. Modified from the originals (resized, re-encoded).",
+        "",
+        "| file | origin | licence | author |",
+        "|---|---|---|---|",
+    ]
+    for photo, image in photos:
+        if photo.name in HELDOUT_SHIPPABLE:
+            shrink(image, short_side).save(folder / f"{photo.name}.jpg", quality=90)
+            lines.append(f"| `{photo.name}.jpg` | {photo.origin} ({photo.source}) | {photo.licence} | {photo.attribution} |")
+    (folder / "CREDITS.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,14 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         "short_side": args.short_side,
         "excluded_packages": list(EXCLUDED_PACKAGES),
         "heldout": list(HELDOUT),
+        "demo_samples": list(HELDOUT_SHIPPABLE),
         "photos": [asdict(p) for p, _ in photos],
     }
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     if args.samples:
-        args.samples.mkdir(parents=True, exist_ok=True)
-        for photo, image in photos:
-            if photo.name in HELDOUT_SHIPPABLE:
-                shrink(image, args.sample_side).save(args.samples / f"{photo.name}.jpg", quality=90)
+        write_samples(photos, args.samples, args.sample_side)
     counts: dict[str, dict[str, int]] = {}
     for p, _ in photos:
         counts.setdefault(p.source, {"train": 0, "heldout": 0})[p.split] += 1

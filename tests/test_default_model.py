@@ -57,6 +57,9 @@ def _psnr_numpy(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 
 
 def test_default_loads_with_networking_disabled(no_network):
+    with pytest.raises(OSError, match="network disabled"):  # the guard is live
+        socket.create_connection(("127.0.0.1", 9), timeout=1)
+    no_network.clear()
     tok = load_default()
     assert isinstance(tok, ViTVQTokenizer) and not tok.training
     assert no_network == []
@@ -94,7 +97,7 @@ def test_default_reconstructs_unseen_photos(no_network):
     assert codes.dtype == torch.int64 and 0 <= int(codes.min()) and int(codes.max()) < tok.config.codebook_size
     recon = tok.decode(codes)
     scores = _psnr_numpy(recon, x)
-    assert scores.mean() >= SAMPLE_PSNR_FLOOR, f"mean PSNR {scores.mean():.2f} dB on held-out samples, per photo {scores.round(2)}"
+    assert scores.mean() >= SAMPLE_PSNR_FLOOR, f"mean PSNR {scores.mean():.2f} dB on the held-out samples: {scores.round(2)}"
     # the reconstruction is of *this* photo: pairing it with another photo scores far worse
     shuffled = _psnr_numpy(recon, x.roll(1, dims=0))
     assert (scores > shuffled + 3).all()

@@ -8,13 +8,26 @@ import subprocess
 import sys
 import sysconfig
 import zipfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ASSET_FILES = ("vit_vq/assets/default/config.json", "vit_vq/assets/default/model.safetensors", "vit_vq/assets/default/README.md")
-COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", ".data", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache")
+COPY_IGNORE = shutil.ignore_patterns(
+    ".git", ".venv*", ".data", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"
+)
+
+
+def _isolation() -> list[str]:
+    """Build in this environment when its setuptools reads pyproject's licence fields (>= 77), else isolated."""
+    try:
+        major = int(version("setuptools").split(".")[0])
+        version("wheel")
+    except PackageNotFoundError:
+        return []
+    return ["--no-build-isolation"] if major >= 77 else []
 
 
 def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -29,8 +42,7 @@ def test_wheel_ships_the_default_tokenizer(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(REPO, src, ignore=COPY_IGNORE)
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
-         timeout=600)
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *_isolation(), "-q", "-w", str(dist), str(src)], timeout=600)
     (wheel,) = dist.glob("vit_vq-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert set(ASSET_FILES) <= names
