@@ -36,15 +36,6 @@ def chosen_relative_error(z, codebook, indices, metric="l2") -> torch.Tensor:
     return (chosen - best) / best.clamp(min=1e-30)
 
 
-@pytest.fixture
-def one_thread():
-    """Many small blocks: on a busy 2-core machine every OpenMP region can stall ~16 ms, so run them serially."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def peak_temporary_bytes(fn) -> int:
     """Peak bytes of live tensors allocated while `fn` runs, from the profiler's allocator events."""
     from torch.profiler import ProfilerActivity, profile
@@ -90,7 +81,7 @@ def test_fast_agrees_with_float64_on_random_data():
     assert agree >= 0.99
 
 
-def test_same_indices_as_float32_reference_in_any_chunking(one_thread):
+def test_same_indices_as_float32_reference_in_any_chunking(single_thread):
     gen = torch.Generator().manual_seed(3)
     z, codebook = torch.randn(150, 8, generator=gen), torch.randn(3000, 8, generator=gen)
     reference = (z[:, None, :] - codebook[None, :, :]).square().sum(-1).argmin(dim=1)  # float32, direct
@@ -100,7 +91,7 @@ def test_same_indices_as_float32_reference_in_any_chunking(one_thread):
             assert torch.equal(idx, reference), (budget, precision)
 
 
-def test_temporaries_stay_within_the_bound(one_thread):
+def test_temporaries_stay_within_the_bound(single_thread):
     gen = torch.Generator().manual_seed(4)
     n, k, d = 5_000, 5_000, 8  # a full N x K float32 matrix would be 100 MB
     z, codebook = torch.randn(n, d, generator=gen), torch.randn(k, d, generator=gen)
