@@ -37,7 +37,8 @@ def psnr(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0, max_db: f
     """Peak signal-to-noise ratio per image, in dB: `10 log10(range^2 / mse)`.
 
     Args:
-        x, y: float `[B, C, H, W]` in `[0, data_range]`.
+        x: float `[B, C, H, W]` in `[0, data_range]`.
+        y: the reference, same shape as `x`.
         max_db: cap for identical images (mse = 0), so averages stay finite.
 
     Returns:
@@ -77,7 +78,8 @@ def ssim(
     use_sample_covariance=False, data_range=1)`.
 
     Args:
-        x, y: float `[B, C, H, W]` with `H, W >= window`.
+        x: float `[B, C, H, W]` with `H, W >= window`.
+        y: the reference, same shape as `x`.
 
     Returns:
         float32 `[B]`, in [-1, 1].

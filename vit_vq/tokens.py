@@ -128,8 +128,9 @@ class TokenLayout:
         (bare code tokens, e.g. a sampler's new tokens). BOS/EOS positions are checked.
 
         Raises:
-            TypeError: non-integer ids. ValueError: wrong length, a missing BOS/EOS, or a
-            code position holding an id that is not a code (e.g. a sampled EOS).
+            TypeError: non-integer ids.
+            ValueError: a wrong length, a missing BOS/EOS, or a code position holding an id
+                that is not a code (e.g. a sampled EOS).
         """
         tokens = self._check_int(tokens, "tokens")
         if tokens.ndim != 2 or tokens.shape[1] not in (self.seq_len, self.num_codes):
