@@ -60,3 +60,14 @@ def test_config_hash_tracks_architecture_only():
     a, b = ViTVQConfig.from_preset("tiny"), ViTVQConfig.from_preset("tiny")
     assert a.config_hash() == b.config_hash()
     assert a.config_hash() != ViTVQConfig.from_preset("tiny", codebook_size=512).config_hash()
+
+
+@pytest.mark.parametrize("field", ["commitment_beta", "ema_eps", "dead_code_threshold", "mlp_ratio"])
+def test_nan_settings_are_rejected(field):
+    with pytest.raises(ValueError, match=f"{field} must be a finite number, got nan"):
+        ViTVQConfig(**{field: float("nan")})
+
+
+def test_only_rgb_is_supported():
+    with pytest.raises(ValueError, match="in_channels must be 3"):
+        ViTVQConfig(in_channels=1)

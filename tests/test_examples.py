@@ -37,7 +37,7 @@ def test_train_default_recipe_runs_end_to_end_on_a_mini_pack(tmp_path, photos):
 
     pack = tmp_path / "pack"
     entries = []
-    for i, (name, photo) in enumerate(zip(PHOTO_NAMES[:6], photos)):
+    for i, (name, photo) in enumerate(zip(PHOTO_NAMES[:6], photos[:6], strict=True)):
         split = "heldout" if i < 2 else "train"
         (pack / split).mkdir(parents=True, exist_ok=True)
         Image.fromarray(photo).resize((192, 160)).save(pack / split / f"{name}.jpg", quality=95)

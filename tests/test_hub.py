@@ -202,3 +202,25 @@ def test_push_to_hub_uploads_the_saved_folder_over_http(tok, tmp_path, monkeypat
         (tmp_path / "pushed" / name).write_bytes(data)
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(ViTVQTokenizer.from_pretrained(tmp_path / "pushed").encode(x), tok.encode(x))
+
+
+def test_a_path_object_is_always_local(tmp_path):
+    from pathlib import Path
+
+    with pytest.raises(FileNotFoundError, match="no tokenizer folder"):
+        ViTVQTokenizer.from_pretrained(Path("ckpt/run1"))
+
+
+def test_saved_folder_keeps_normal_permissions(tok, tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        tok.save_pretrained(tmp_path / "fresh")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "fresh").stat().st_mode) == 0o755
+    os.chmod(tmp_path / "fresh", 0o750)
+    tok.save_pretrained(tmp_path / "fresh")
+    assert stat.S_IMODE((tmp_path / "fresh").stat().st_mode) == 0o750

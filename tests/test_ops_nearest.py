@@ -293,3 +293,22 @@ def test_automatic_dispatch(monkeypatch):
 def test_bad_arguments_raise(z, codebook, kwargs, error):
     with pytest.raises(error):
         nearest_code(z, codebook, **kwargs)
+
+
+@pytest.mark.parametrize("offset, spread, dim", [(1000.0, 1e-2, 8), (100.0, 1e-3, 8), (300.0, 1e-2, 32)])
+def test_exact_mode_survives_a_large_common_offset(offset, spread, dim, single_thread):
+    """|z|^2 - 2z.e + |e|^2 cancels catastrophically here; exact mode must still match float64."""
+    gen = torch.Generator().manual_seed(0)
+    cb = offset + spread * torch.randn(2000, dim, generator=gen)
+    z = offset + spread * torch.randn(500, dim, generator=gen)
+    idx = nearest_code(z, cb, backend="torch", precision="exact")
+    d = ((z.double()[:, None] - cb.double()[None]) ** 2).sum(-1)
+    best = d.min(1).values
+    chosen = d.gather(1, idx[:, None])[:, 0]
+    assert float(((chosen - best) / best).max()) <= 1e-5
+
+
+def test_exact_match_beats_a_one_ulp_neighbour():
+    z = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    cb = torch.cat([torch.nextafter(z, torch.full_like(z, float("inf"))), z])  # [z + 1 ulp, z]
+    assert torch.equal(nearest_code(z, cb, backend="torch"), torch.arange(5, 10))

@@ -163,3 +163,22 @@ def test_kmeans_init_waits_for_enough_vectors_and_survives_reload():
     assert bool(fresh.initialized)
     fresh(torch.randn(100, 4))
     assert fresh._kmeans_samples == []
+
+
+def test_kmeans_init_is_not_blurred_by_stale_statistics():
+    """The step that runs k-means must leave the fresh centers in place (EMA mode)."""
+    torch.manual_seed(0)
+    q = make(auto_update=True, kmeans_init=True, codebook_size=64, l2_normalize=True, use_ema=True)
+    samples = torch.randn(64, 4)
+    q(samples)
+    assert bool(q.initialized)
+    dist = torch.cdist(q.embed.double(), F.normalize(samples, dim=1).double())
+    assert float(dist.min(dim=1).values.max()) < 1e-5
+
+
+@pytest.mark.parametrize("use_ema", [True, False])
+def test_half_cast_keeps_codebook_values_in_fp32(use_ema):
+    q = make(use_ema=use_ema)
+    before = q.embed.detach().clone()
+    q.half()
+    assert q.embed.dtype == torch.float32 and torch.equal(q.embed.detach(), before)

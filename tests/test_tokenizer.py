@@ -102,8 +102,13 @@ def test_half_precision_cast_keeps_the_codebook_fp32_and_the_codes(tok):
 
 def test_compile_keeps_state_dict_keys_and_outputs(tok):
     keys = set(tok.state_dict())
-    x = torch.rand(2, 3, 32, 32)
-    ref = tok.encode(x)
     with pytest.raises(ValueError, match="scope must be 'model' or 'blocks'"):
         tok.compile(scope="layers")
     assert set(tok.compile(scope="blocks").state_dict()) == keys
+
+
+def test_preprocess_rejects_float_pixels_outside_zero_one(tok):
+    with pytest.raises(ValueError, match=r"expected float pixels in \[0, 1\], got values in"):
+        tok.preprocess(np.random.rand(40, 50, 3).astype(np.float32) * 255)
+    with pytest.raises(ValueError, match=r"\(x \+ 1\) / 2"):
+        tok.preprocess(torch.rand(3, 40, 40) * 2 - 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -79,6 +80,16 @@ class ViTVQConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ViTVQConfig.{name} must be a positive int, got {value!r}")
+        if self.in_channels != 3:
+            raise ValueError(f"in_channels must be 3 (RGB; grey images are expanded by preprocess), got {self.in_channels}")
+        floats = {
+            "commitment_beta": self.commitment_beta, "ema_decay": self.ema_decay, "ema_eps": self.ema_eps,
+            "dead_code_threshold": self.dead_code_threshold, "mlp_ratio": self.mlp_ratio,
+            "layer_norm_eps": self.layer_norm_eps, "perceptual_weight": self.perceptual_weight,
+        }
+        for name, value in floats.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"ViTVQConfig.{name} must be a finite number, got {value!r}")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .preprocess import resize_center_crop, to_tensor
+from .preprocess import to_tensor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -52,13 +52,8 @@ def load_image(path: str | Path) -> torch.Tensor:
         with Image.open(path) as im:
             im.load()
             return to_tensor(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
-
-
-def center_crop_transform(size: int) -> Transform:
-    """Resize the short side to `size` and center-crop (deterministic, for eval and tokenizing)."""
-    return lambda img: resize_center_crop(img, size)
 
 
 class ImageFolder(Dataset):

@@ -76,6 +76,9 @@ def save_folder(model: nn.Module, config: ViTVQConfig, directory: str | Path, *,
     directory = Path(directory).expanduser().absolute()
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, directory.stat().st_mode & 0o7777 if directory.exists() else 0o777 & ~umask)
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "library": "vit_vq"})
@@ -140,7 +143,7 @@ def resolve_files(
                 raise FileNotFoundError(f"{path} has no {f.name} (found: {others}); vit_vq reads only safetensors weights")
         return cfg, weights
     name = str(name_or_path)
-    if path.exists() or _looks_local(name):
+    if path.exists() or isinstance(name_or_path, Path) or _looks_local(name):
         raise FileNotFoundError(f"no tokenizer folder at {name!r} (expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
     from huggingface_hub import hf_hub_download
 

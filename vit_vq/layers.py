@@ -54,7 +54,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = MLP(width, int(width * mlp_ratio))
+        self.mlp = MLP(width, round(width * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))

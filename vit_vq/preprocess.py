@@ -33,6 +33,13 @@ def to_tensor(image: Any) -> torch.Tensor:
         t = t.float() / 255.0
     elif t.dtype.is_floating_point:
         t = t.float()
+        if t.numel():
+            lo, hi = torch.stack(torch.aminmax(t)).tolist()
+            if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # also catches NaN
+                raise ValueError(
+                    f"expected float pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
+                    "pass uint8 for 0..255 images, or map [-1, 1] images with (x + 1) / 2"
+                )
     else:
         raise TypeError(f"expected uint8 or float pixels, got dtype {t.dtype}")
     if t.shape[0] == 1:

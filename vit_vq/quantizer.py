@@ -86,7 +86,7 @@ class VectorQuantizer(nn.Module):
 
         Rounding the codebook to 16 bits would silently change which code is nearest.
         """
-        before = {name: getattr(self, name) for name in self._FP32_STATE}
+        before = {name: getattr(self, name).detach() for name in self._FP32_STATE}  # keeps the fp32 storage
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = getattr(self, name)
@@ -196,8 +196,11 @@ class VectorQuantizer(nn.Module):
         A no-op outside training-time accumulation (nothing accumulated).
         """
         cfg = self.config
-        if not bool(self.initialized):
-            self._maybe_kmeans_init()
+        if not bool(self.initialized) and self._maybe_kmeans_init():
+            # statistics gathered against the old random codebook would blur the fresh centers
+            self.acc_count.zero_()
+            self.acc_sum.zero_()
+            return
         D.all_reduce_sum_(self.acc_count, self.acc_sum)
         if float(self.acc_count.sum()) == 0:
             return
@@ -231,12 +234,13 @@ class VectorQuantizer(nn.Module):
         if self.config.use_ema:
             self.ema_sum[dead] = vectors * mean
 
-    def _maybe_kmeans_init(self) -> None:
+    def _maybe_kmeans_init(self) -> bool:
+        """Run k-means once every rank holds >= K samples; True when it ran (same answer on every rank)."""
         K = self.config.codebook_size
         have = sum(s.shape[0] for s in self._kmeans_samples)
         device = self.embed.device
         if D.all_reduce_min(have, device) < K:
-            return
+            return False
         centers = torch.empty_like(self.embed, dtype=torch.float32)
         if D.rank() == 0:
             samples = torch.cat(self._kmeans_samples)
@@ -248,6 +252,7 @@ class VectorQuantizer(nn.Module):
             self.ema_sum.copy_(centers)
         self.initialized.fill_(True)
         self._kmeans_samples.clear()
+        return True
 
 
 def kmeans(samples: torch.Tensor, k: int, iters: int, *, spherical: bool) -> torch.Tensor:

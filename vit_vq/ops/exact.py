@@ -70,36 +70,39 @@ def unresolved_rows(cand: Candidates, z_norm: torch.Tensor, e_norm_max: torch.Te
 def rescore(
     z: torch.Tensor, codebook: torch.Tensor, rows: torch.Tensor, e_norm_max: float, max_temp_bytes: int
 ) -> torch.Tensor:
-    """Float64 argmin over the whole codebook for `z[rows]`; near-exact ties go to the lowest index.
+    """Float64 argmin over the whole codebook for `z[rows]`; ties go to the lowest index.
+
+    Distances are `sum((z - e)^2)` computed directly in float64 (no `|z|^2 - 2z.e + |e|^2`
+    cancellation), so data with a large common offset or near-duplicate codes is still exact.
 
     Args:
         z: `[N, D]`, codebook `[K, D]` (any float dtype; converted block by block).
         rows: int64 `[R]`.
-        e_norm_max: `max_k |e_k|` (for the float64 tie tolerance).
-        max_temp_bytes: bound on the float64 blocks.
+        e_norm_max: unused by the direct form; kept for the backends' common signature.
+        max_temp_bytes: bound on the float64 `[rows, codes, D]` difference blocks.
 
     Returns:
         int64 `[R]`.
     """
+    del e_norm_max
     device = z.device if z.device.type != "mps" else torch.device("cpu")  # MPS has no float64
     n_codes, dim = codebook.shape
-    codes = max(1, min(n_codes, max_temp_bytes // (4 * 8 * dim)))
-    block_rows = max(1, min(rows.numel(), max_temp_bytes // (4 * 8 * codes)))
-    out = torch.empty(rows.numel(), dtype=torch.int64, device=device)
+    n_rows = rows.numel()
+    # (rows x codes) per block, so that the (r, k, D) float64 difference takes half the bound
+    budget = max(1, max_temp_bytes // (2 * 8 * dim))
+    block_rows = max(1, min(n_rows, 64, budget))
+    codes = max(1, min(n_codes, budget // block_rows))
+    out = torch.empty(n_rows, dtype=torch.int64, device=device)
     zr_all = z[rows].to(device=device, dtype=torch.float64)  # (R, D)
-    for r0 in range(0, rows.numel(), block_rows):
-        zr = zr_all[r0 : r0 + block_rows]
-        z_sq = zr.square().sum(1)
-        # float64 analogue of the bound B: values closer than this are ties
-        tol = (dim + 16) * 2.0**-48 * (z_sq.sqrt() + e_norm_max).square()
-        best = torch.full_like(z_sq, float("inf"))
+    for r0 in range(0, n_rows, block_rows):
+        zr = zr_all[r0 : r0 + block_rows]  # (r, D)
+        best = torch.full((zr.shape[0],), float("inf"), dtype=torch.float64, device=device)
         arg = torch.zeros(zr.shape[0], dtype=torch.int64, device=device)
         for k0 in range(0, n_codes, codes):
             e = codebook[k0 : k0 + codes].to(device=device, dtype=torch.float64)  # (k, D)
-            d = torch.addmm(e.square().sum(1).unsqueeze(0), zr, e.t(), alpha=-2.0).add_(z_sq.unsqueeze(1))
-            block_min = d.amin(dim=1)
-            first = (d <= (block_min + tol).unsqueeze(1)).to(torch.uint8).argmax(dim=1)  # first near-minimum
-            take = block_min < best - tol  # strictly better than every earlier block
+            d = (zr.unsqueeze(1) - e.unsqueeze(0)).square_().sum(2)  # (r, k)
+            block_min, first = d.min(dim=1)  # first minimum: lowest index within the block
+            take = block_min < best  # strictly better than every earlier block
             arg = torch.where(take, first + k0, arg)
             best = torch.minimum(best, block_min)
         out[r0 : r0 + zr.shape[0]] = arg

@@ -16,6 +16,7 @@ computed on every call, so nothing can go stale while EMA moves the codebook.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -104,6 +105,21 @@ def _nearest_code_impl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices int64 [N], distances float32 [N] or [0]) for validated inputs; see `nearest_code`."""
     choice = resolve_backend(z.device, None if backend == "auto" else backend)
+    # Triton launches on the *current* CUDA device: make it the inputs' device (e.g. cuda:1).
+    guard = torch.cuda.device(z.device) if z.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        return _search(z, codebook, metric, precision, choice, need_distances, max_temp_bytes)
+
+
+def _search(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    metric: str,
+    precision: str,
+    choice: str,
+    need_distances: bool,
+    max_temp_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     if metric == "cosine":
         z, codebook = F.normalize(z.float(), dim=1), F.normalize(codebook.float(), dim=1)
     n_rows, dim = z.shape
