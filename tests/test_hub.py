@@ -224,3 +224,16 @@ def test_saved_folder_keeps_normal_permissions(tok, tmp_path):
     os.chmod(tmp_path / "fresh", 0o750)
     tok.save_pretrained(tmp_path / "fresh")
     assert stat.S_IMODE((tmp_path / "fresh").stat().st_mode) == 0o750
+
+
+def test_saved_files_follow_the_umask(tok, tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        tok.save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(umask)
+    for name in ("config.json", "model.safetensors", "README.md"):
+        assert stat.S_IMODE((tmp_path / "m" / name).stat().st_mode) == 0o644, name

@@ -168,3 +168,15 @@ def test_cifar10_goes_through_torchvision(tmp_path, monkeypatch):
 def test_cifar10_absent_and_offline_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="CIFAR-10 is not in"):
         open_training_source(TrainConfig(preset="tiny", data="cifar10", data_root=str(tmp_path), download_timeout=0))
+
+
+def test_config_file_combines_with_a_data_override_and_yaml_numbers(tmp_path):
+    from vit_vq.training import TrainConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny\nlr: 1e-4\nmax_steps: 3\n")  # YAML reads 1e-4 as a string
+    cfg = TrainConfig.from_file(path, data="photos/", output=str(tmp_path / "out"))
+    assert cfg.data == "photos/" and cfg.lr == pytest.approx(1e-4) and isinstance(cfg.lr, float)
+    path.write_text("preset: tiny\nlr: fast\n")
+    with pytest.raises(ValueError, match="TrainConfig.lr must be a number, got 'fast'"):
+        TrainConfig.from_file(path, data="photos/")

@@ -176,3 +176,10 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms():
     assert w.item() == pytest.approx(5 / (0.5 + 1e-4))
     assert not w.requires_grad
     assert adaptive_weight((layer * 1e9).sum(), (layer * 0).sum(), layer, max_weight=10.0).item() == 10.0
+
+
+@pytest.mark.parametrize("channels", [36, 100])
+def test_discriminator_accepts_any_width(channels):
+    from vit_vq.training.discriminator import _group_norm
+
+    assert _group_norm(channels).num_channels == channels

@@ -8,6 +8,7 @@ corrupt file is skipped and counted instead of killing a long job.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ def list_images(root: str | Path, *, include_all_files: bool = False) -> list[Pa
     return sorted(p for p in files if include_all_files or p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def load_image(path: str | Path) -> torch.Tensor:
+def load_image(path: str | Path | io.BytesIO) -> torch.Tensor:
     """Read an image file -> float `[3, H, W]` in [0, 1].
 
     Raises:
@@ -101,19 +102,26 @@ class HFImageDataset(Dataset):
             ds = datasets.load_dataset(name_or_path, split=split)
         if image_column not in ds.column_names:
             raise ValueError(f"dataset has no image column {image_column!r}; its columns are {ds.column_names}")
+        if isinstance(ds.features.get(image_column), datasets.Image):
+            # decode in __getitem__'s try, so one corrupt row is skipped instead of raised
+            ds = ds.cast_column(image_column, datasets.Image(decode=False))
         self.ds, self.image_column, self.label_column, self.transform = ds, image_column, label_column, transform
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        row = self.ds[i]
-        label = int(row[self.label_column]) if self.label_column else -1
+        label = -1
         try:
-            img = to_tensor(row[self.image_column])
+            row = self.ds[i]
+            label = int(row[self.label_column]) if self.label_column else -1
+            value = row[self.image_column]
+            if isinstance(value, dict):  # an undecoded image: {"bytes": ..., "path": ...}
+                value = load_image(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+            img = to_tensor(value)
             if self.transform is not None:
                 img = self.transform(img)
-        except (ValueError, TypeError, OSError) as err:
+        except (ValueError, TypeError, OSError, KeyError) as err:
             return {"pixels": None, "key": str(i), "label": label, "error": f"row {i}: {err}"}
         return {"pixels": img, "key": str(i), "label": label, "error": None}
 

@@ -79,6 +79,7 @@ def save_folder(model: nn.Module, config: ViTVQConfig, directory: str | Path, *,
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, directory.stat().st_mode & 0o7777 if directory.exists() else 0o777 & ~umask)
+    file_mode = 0o666 & ~umask
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "library": "vit_vq"})
@@ -93,6 +94,8 @@ def save_folder(model: nn.Module, config: ViTVQConfig, directory: str | Path, *,
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+                if f.name in MANAGED:
+                    os.chmod(f, file_mode)  # safetensors writes 0600
         _swap_in(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ import torch
 
 from ..default_model import load_default, sample_photos
 from ..metrics import psnr, ssim
+from ..pipeline.runtime import pick_device
 from ..tokenizer import ViTVQTokenizer
 from .common import image_grid, load_model, save_png
 from .main import CLIError
@@ -30,15 +31,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default="demo.png", help="the PNG grid to write (default: demo.png)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
     p.set_defaults(func=run)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
 
 
 def load_photos(paths: list[Path]) -> tuple[list[str], list[tuple[int, int]], list]:

@@ -49,4 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m vit_vq.cli.main` (e.g. under torchrun): run the importable module's main, so the
+    # CLIError the subcommands raise is the class that main() catches.
+    from vit_vq.cli.main import main as _main
+
+    sys.exit(_main())

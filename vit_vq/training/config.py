@@ -99,6 +99,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.adam_betas, list):
             self.adam_betas = tuple(self.adam_betas)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if "float" in str(f.type) and isinstance(value, str):  # YAML reads `1e-4` as a string
+                try:
+                    setattr(self, f.name, float(value))
+                except ValueError:
+                    raise ValueError(f"TrainConfig.{f.name} must be a number, got {value!r}") from None
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; known presets: {sorted(PRESETS)}")
         if self.init is not None and (self.preset is not None or self.init_vit is not None or self.model_overrides):
@@ -156,13 +163,13 @@ class TrainConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> TrainConfig:
+    def from_dict(cls, mapping: dict[str, Any], /, **overrides: Any) -> TrainConfig:
         """Build from a mapping (keys may use dashes), then apply `overrides`.
 
         Raises:
             ValueError: on unknown keys; the message lists the known ones.
         """
-        merged = {str(k).replace("-", "_"): v for k, v in {**data, **overrides}.items()}
+        merged = {str(k).replace("-", "_"): v for k, v in {**mapping, **overrides}.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(merged) - known)
         if unknown:
@@ -170,7 +177,7 @@ class TrainConfig:
         return cls(**merged)
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+    def from_file(cls, path: str | Path, /, **overrides: Any) -> TrainConfig:
         """Read a YAML (or JSON) mapping of fields, then apply `overrides`.
 
         Raises:
@@ -182,12 +189,12 @@ class TrainConfig:
         if not path.is_file():
             raise FileNotFoundError(f"no such config file: {str(path)!r}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            mapping = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"{path} is not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping of training settings, got {type(data).__name__}")
-        return cls.from_dict(data, **overrides)
+        if not isinstance(mapping, dict):
+            raise ValueError(f"{path} must hold a mapping of training settings, got {type(mapping).__name__}")
+        return cls.from_dict(mapping, **overrides)
 
     def to_yaml(self) -> str:
         import yaml

@@ -8,6 +8,8 @@ forward pass (which DDP needs: one forward per backward).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,7 +50,7 @@ class PatchDiscriminator(nn.Module):
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, channels // 4) or 1, channels)
+    return nn.GroupNorm(math.gcd(32, channels), channels)  # any width: the group count divides it
 
 
 def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
