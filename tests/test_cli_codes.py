@@ -169,3 +169,18 @@ def test_compile_flag_gives_the_same_codes(capsys, tmp_path, photo_dir, tiny_tok
     keys = set(tok.state_dict())
 
     assert set(tok.compile().state_dict()) == keys  # compiled in place: save_pretrained keeps working
+
+
+def test_decode_refuses_codes_from_other_weights(capsys, tmp_path, photo_dir, tiny_tokenizer_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_tokenizer_dir, model)
+    codes = tmp_path / "codes.safetensors"
+    assert run_cli(capsys, "encode", photo_dir, "-o", codes, "--model", model)[0] == 0
+    tok = ViTVQTokenizer.from_pretrained(model)
+    with torch.no_grad():
+        tok.decoder.to_pixels.weight.mul_(-1)  # same architecture, different weights
+    tok.save_pretrained(model)
+    code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "out")
+    assert code == 2 and "weights changed since encoding" in err

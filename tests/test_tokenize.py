@@ -138,3 +138,18 @@ def test_manifest_json_is_plain_json(tmp_path, photo_dir, tiny_tokenizer_dir):
     data = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert data["num_images"] == 6 and data["skipped"] == [] and len(data["shards"]) == 1
     assert len(data["shards"][0]["sha256"]) == 64
+
+
+def test_resume_after_the_inputs_changed_is_refused(capsys, tmp_path, photo_dir, tiny_tokenizer_dir):
+    """Renaming an input shifts which images sit in which shard: reusing old shards would lose images."""
+    out = tmp_path / "shards"
+    argv = ["tokenize", "--data", str(photo_dir), "--out", str(out), "--model", str(tiny_tokenizer_dir), "--shard-size", "2"]
+    assert main(argv) == 0
+    first = sorted(photo_dir.glob("*.png"))[0]
+    first.rename(first.with_name("zz_" + first.name))
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "holds shards from a different run" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+    keys = [k for s in iter_shards(out) for k in s["keys"]]
+    assert len(keys) == len(set(keys)) == load_manifest(out)["num_images"]

@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.model
     if name is None and codes.model.model_id not in ("default", "<in-memory>"):
         name = codes.model.model_id
+        if args.revision is None:
+            args.revision = codes.model.revision  # the commit that made the codes
         print(f"using the model recorded in {args.codes}: {name}", file=sys.stderr)
     tok, info = setup_model(args, name)
     if info.config_hash != codes.model.config_hash:
@@ -41,6 +43,11 @@ def run(args: argparse.Namespace) -> int:
             f"{args.codes} was made by a tokenizer with config hash {codes.model.config_hash} "
             f"({codes.model.model_id}), but {info.model_id} has config hash {info.config_hash}; "
             "decode with the model that encoded them"
+        )
+    if codes.model.decoder_hash and info.decoder_hash != codes.model.decoder_hash:
+        raise CLIError(
+            f"{args.codes} was made with decoder weights {codes.model.decoder_hash}, but {info.model_id} now has "
+            f"{info.decoder_hash}: the weights changed since encoding; decode with the model that encoded them"
         )
     device = device_of(tok)
     paths = output_names(codes.names)

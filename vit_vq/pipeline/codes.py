@@ -164,7 +164,7 @@ def load_codes(path: str | Path) -> CodesFile:
         raise ValueError(f"{path} uses codes format {version}; this vit_vq reads up to {CODES_FORMAT_VERSION}: upgrade vit_vq")
     try:
         names = json.loads(meta["names"])
-        fields = {k: json.loads(meta[k]) for k in ModelInfo.__dataclass_fields__}
+        fields = {k: json.loads(meta[k]) for k in ModelInfo.__dataclass_fields__ if k in meta or k != "decoder_hash"}
         codebook_size, image_size = int(meta["codebook_size"]), int(meta["image_size"])
     except (KeyError, ValueError) as err:
         raise ValueError(f"{path}: codes metadata is missing or malformed ({err})") from err

@@ -96,6 +96,7 @@ def build_manifest(
         "lookup_backend": info.lookup_backend,
         "lookup_precision": info.lookup_precision,
         "precision": info.precision,
+        "decoder_hash": info.decoder_hash,
         "codebook_size": codebook_size,
         "image_size": image_size,
         "grid": list(grid),

@@ -7,6 +7,7 @@ codes are never decoded by a tokenizer they were not made with.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -33,6 +34,8 @@ class ModelInfo:
     config_hash: `ViTVQConfig.config_hash()`; decoding checks it.
     lookup_backend / lookup_precision: how nearest codes were searched.
     precision: the encoder/decoder compute dtype (`fp32`, `bf16`, `fp16`).
+    decoder_hash: sha256 (16 hex) of the weights that turn codes into pixels (codebook and
+        decoder); decoding checks it, so re-exported weights under the same name are caught.
     """
 
     model_id: str
@@ -41,6 +44,7 @@ class ModelInfo:
     lookup_backend: str
     lookup_precision: str
     precision: str
+    decoder_hash: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,8 +149,19 @@ def prepare_for_inference(
         lookup_backend=lookup_backend(dev),
         lookup_precision=LOOKUP_PRECISION,
         precision=prec,
+        decoder_hash=decoder_hash(tok),
     )
     return tok, info
+
+
+def decoder_hash(tok: ViTVQTokenizer) -> str:
+    """sha256 (16 hex chars) of the codebook and decoder weights, as float32 bytes."""
+    digest = hashlib.sha256()
+    digest.update(tok.quantizer.codebook().detach().float().cpu().numpy().tobytes())
+    for name, tensor in sorted(tok.decoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def synchronize(device: torch.device) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -107,15 +108,31 @@ def _gather(obj: Any, world: int) -> list[Any]:
     return out
 
 
-def _run_fingerprint(opts: TokenizeOptions, info: ModelInfo, num_inputs: int) -> dict[str, Any]:
+def _inputs_digest(source: Any) -> str:
+    """sha256 (16 hex) of which inputs sit at which position: file paths, or a dataset's fingerprint.
+
+    A resumed run whose inputs were added, removed or renamed then no longer matches its
+    shards, instead of reusing shards that cover other images.
+    """
+    digest = hashlib.sha256()
+    if hasattr(source, "files"):
+        for f in source.files:
+            digest.update(str(f).encode() + b"\0")
+    else:
+        digest.update(str(getattr(source.ds, "_fingerprint", len(source))).encode())
+    return digest.hexdigest()[:16]
+
+
+def _run_fingerprint(opts: TokenizeOptions, info: ModelInfo, source: Any) -> dict[str, Any]:
     path = Path(opts.data).expanduser()
     return {
         **info.to_dict(),
+        "inputs": _inputs_digest(source),
         "data": str(path.resolve()) if path.exists() else opts.data,
         "split": opts.split,
         "image_column": opts.image_column,
         "label_column": opts.label_column,
-        "num_inputs": num_inputs,
+        "num_inputs": len(source),
         "shard_size": opts.shard_size,
         "format": opts.fmt,
         "resize": opts.resize,
@@ -152,7 +169,7 @@ def tokenize_dataset(
         raise ValueError(f"{opts.data!r} holds no input items")
     out = Path(opts.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    run = _run_fingerprint(opts, info, num_inputs)
+    run = _run_fingerprint(opts, info, source)
     mine = shards_for_rank(plan_shards(num_inputs, opts.shard_size), rank, world_size)
 
     records: list[dict[str, Any]] = []
