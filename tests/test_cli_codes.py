@@ -11,7 +11,6 @@ from PIL import Image
 from safetensors import safe_open
 
 from vit_vq import ViTVQConfig, ViTVQTokenizer
-from vit_vq.cli.common import NO_DEFAULT
 from vit_vq.cli.main import main
 from vit_vq.data import list_images, load_image
 from vit_vq.pipeline.codes import load_codes
@@ -152,10 +151,13 @@ def test_bad_input_exits_nonzero_with_one_line(capsys, tmp_path, photo_dir, tiny
         assert "Traceback" not in err
 
 
-def test_missing_model_asks_for_one(capsys, tmp_path, photo_dir, monkeypatch):
-    monkeypatch.delattr(ViTVQTokenizer, "default", raising=False)
+def test_missing_packaged_default_is_a_one_line_error(capsys, tmp_path, photo_dir, monkeypatch):
+    import vit_vq.default_model as dm
+
+    monkeypatch.setattr(dm, "DEFAULT_DIR", ("assets", "no-such-folder"))
     code, _, err = run_cli(capsys, "encode", photo_dir, "-o", tmp_path / "c.safetensors", *FAST)
-    assert code == 2 and NO_DEFAULT in err
+    assert code == 2 and "the packaged default tokenizer is missing" in err and "reinstall vit_vq" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.slow

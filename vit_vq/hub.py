@@ -76,8 +76,7 @@ def save_folder(model: nn.Module, config: ViTVQConfig, directory: str | Path, *,
     directory = Path(directory).expanduser().absolute()
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     os.chmod(tmp, directory.stat().st_mode & 0o7777 if directory.exists() else 0o777 & ~umask)
     file_mode = 0o666 & ~umask
     try:
@@ -101,6 +100,13 @@ def save_folder(model: nn.Module, config: ViTVQConfig, directory: str | Path, *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it): temp files ignore it, our outputs follow it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _swap_in(tmp: Path, directory: Path) -> None:

@@ -141,14 +141,14 @@ class VectorQuantizer(nn.Module):
             codebook_loss = F.mse_loss(e, flat.detach())
             commit_loss = self.config.commitment_beta * F.mse_loss(flat, e.detach())
             quantized = flat + (e - flat).detach()  # straight-through
-            counts = torch.bincount(idx, minlength=self.config.codebook_size).float()
-            metrics = self._metrics(counts)
             if self.training and self.config.use_ema:
-                c, s = codebook_statistics(idx, flat.detach(), self.config.codebook_size)
-                self.acc_sum += s
-                self.acc_count += c
-            elif self.training:
+                counts, sums = codebook_statistics(idx, flat.detach(), self.config.codebook_size)
+                self.acc_sum += sums
+            else:
+                counts = torch.bincount(idx, minlength=self.config.codebook_size).float()
+            if self.training:
                 self.acc_count += counts
+            metrics = self._metrics(counts)
         if self.training and self.auto_update:
             self.update_codebook()
         return QuantizerOutput(

@@ -21,7 +21,6 @@ from ..pipeline.sources import RESIZE_MODES, FileImages, ModelSizedImages, colla
 from ..tokenizer import ViTVQTokenizer
 from .main import CLIError
 
-NO_DEFAULT = "no default tokenizer is bundled yet; pass --model <hub id or folder>"
 HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[\w.-]+)?")
 
 
@@ -60,14 +59,11 @@ def load_model(name: str | None, revision: str | None = None) -> ViTVQTokenizer:
     """The tokenizer named by `--model`, or the built-in default when `name` is None.
 
     Raises:
-        CLIError: no `--model` and no bundled default, or a Hub id that cannot be fetched.
+        CLIError: a Hub id that cannot be fetched.
         FileNotFoundError / ValueError: a missing local folder, one without weights, bad weights.
     """
     if name is None:
-        default = getattr(ViTVQTokenizer, "default", None)
-        if default is None:
-            raise CLIError(NO_DEFAULT)
-        return default()
+        return ViTVQTokenizer.default()
     try:
         return load_tokenizer(name, revision=revision)
     except (ValueError, TypeError):
@@ -199,7 +195,6 @@ def output_names(names: list[str], suffix: str = ".png") -> list[Path]:
 
 
 __all__ = [
-    "NO_DEFAULT",
     "add_model_args",
     "add_resize_arg",
     "load_model",

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..hub import current_umask
 from .runtime import ModelInfo
 
 CODES_FORMAT = "vit_vq.codes"
@@ -68,18 +69,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and safetensors) create 0600 files
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp (and safetensors) create 0600 files
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
