@@ -136,7 +136,7 @@ class ViTVQTokenizer(
         return self._to_pixels(self.decoder(codes.to(dtype)))
 
     # -- public API ------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode(
         self,
         images: torch.Tensor,
@@ -168,7 +168,7 @@ class ViTVQTokenizer(
             return EncodeOutput(indices=indices, latents=self._grid(latents.float()))
         return indices
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(self, indices: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
         """Codes int `[B, h, w]` or `[B, h*w]` in `[0, codebook_size)` -> float `[B, 3, S, S]` in [0, 1].
 
