@@ -9,6 +9,7 @@ corrupt file is skipped and counted instead of killing a long job.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,38 @@ from torch.utils.data import Dataset
 from .preprocess import to_tensor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+# the decoders `load_image` uses (JPEG includes phones' MPO files); others (EPS runs Ghostscript, ...) are refused
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "DIB", "GIF", "WEBP", "TIFF", "PPM", "AVIF")
+
+
+def _positive_from_env(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+# Refused from the header, before any pixel is decoded. 2**26 pixels (8192 x 8192) cost at
+# most ~1.2 GB while loading (~18 bytes per pixel: decode, RGB copy, float32 tensor);
+# raise it (or set VIT_VQ_MAX_IMAGE_PIXELS) for bigger photos. Pillow's own
+# `PIL.Image.MAX_IMAGE_PIXELS` (~179 M pixels refused, ~89 M warned) still applies on top.
+MAX_IMAGE_PIXELS = _positive_from_env("VIT_VQ_MAX_IMAGE_PIXELS", 2**26)
+# Long side / short side. Scaling a short side to S px needs S * S * ratio * 12 bytes, so at
+# most 25 MB at S = 256 (a 1 x 60000 strip would need 11 GB at S = 128).
+MAX_ASPECT_RATIO = _positive_from_env("VIT_VQ_MAX_ASPECT_RATIO", 32)
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def list_images(root: str | Path, *, include_all_files: bool = False) -> list[Path]:
-    """Image files under `root`, recursively, sorted (or `[root]` for a single file).
+    """Image files under `root`, recursively (hidden names skipped), sorted; `[root]` for a file.
 
     With `include_all_files` every regular file is listed, so that unreadable ones can be
-    reported instead of silently ignored.
+    reported instead of silently ignored. A subfolder that cannot be read is listed too
+    (loading it raises a `ValueError` that says why), so that no image is skipped unseen.
+    Symlinked folders are not followed.
 
     Raises:
         FileNotFoundError: `root` does not exist.
@@ -35,26 +59,79 @@ def list_images(root: str | Path, *, include_all_files: bool = False) -> list[Pa
     root = Path(root).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"no such file or folder: {str(root)!r}")
-    if root.is_file():
+    if not root.is_dir():
         return [root]
-    files = (p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    return sorted(p for p in files if include_all_files or p.suffix.lower() in IMAGE_EXTENSIONS)
+    found: list[Path] = []
+    for folder, subfolders, names in os.walk(root, onerror=lambda err: found.append(Path(err.filename))):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        for name in names:
+            path = Path(folder) / name
+            if name.startswith(".") or not (include_all_files or path.suffix.lower() in IMAGE_EXTENSIONS):
+                continue
+            try:
+                regular = path.is_file()
+            except OSError:  # cannot even stat it: list it, and loading says why
+                regular = True
+            if regular:
+                found.append(path)
+    return sorted(found)
+
+
+def check_image_size(width: int, height: int) -> None:
+    """Raise unless a `width` x `height` image is within `MAX_IMAGE_PIXELS` and `MAX_ASPECT_RATIO`.
+
+    Raises:
+        ValueError: no pixels, too many pixels, or too elongated (the message names the limit).
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image is {width}x{height} px: it has no pixels")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"image is {width}x{height} px = {width * height:,} pixels, above the limit of {MAX_IMAGE_PIXELS:,} "
+            "(vit_vq.data.MAX_IMAGE_PIXELS, or the VIT_VQ_MAX_IMAGE_PIXELS environment variable)"
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(
+            f"image is {width}x{height} px, an aspect ratio above the limit of {MAX_ASPECT_RATIO}:1 "
+            "(vit_vq.data.MAX_ASPECT_RATIO, or the VIT_VQ_MAX_ASPECT_RATIO environment variable)"
+        )
 
 
 def load_image(path: str | Path | io.BytesIO) -> torch.Tensor:
-    """Read an image file -> float `[3, H, W]` in [0, 1].
+    """Read an image file (or its bytes) -> float `[3, H, W]` in [0, 1], exactly (see `to_tensor`).
+
+    The size is checked from the header before any pixel is decoded (`check_image_size`);
+    only `IMAGE_FORMATS` are opened; running out of memory is this image's error.
 
     Raises:
-        ValueError: the file is not a readable image (the message says why).
+        ValueError: the file is not a readable image, or is too large (the message says why).
     """
     from PIL import Image, UnidentifiedImageError
 
+    name = "image bytes" if isinstance(path, io.BytesIO) else str(path)
+    if not isinstance(path, io.BytesIO) and Path(path).is_dir():
+        raise ValueError(f"{name}: {_folder_error(Path(path))}")
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
+            check_image_size(*im.size)
             im.load()
             return to_tensor(im)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, TypeError) as err:
+        raise ValueError(f"{name}: not a readable image ({type(err).__name__}: {err})") from err
+    except (MemoryError, RuntimeError) as err:  # an allocation failure is this image's, not the job's
+        raise ValueError(f"{name}: out of memory while loading ({type(err).__name__}: {str(err)[:200]})") from err
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from err
+
+
+def _folder_error(folder: Path) -> str:
+    """What is wrong with loading `folder` as an image: unreadable (and why), or just a folder."""
+    try:
+        with os.scandir(folder) as entries:
+            next(entries, None)
+    except OSError as err:
+        return f"a folder that cannot be read ({type(err).__name__}: {err.strerror or err}); its files are not listed"
+    return "a folder, not an image file"
 
 
 class ImageFolder(Dataset):
@@ -77,6 +154,9 @@ class ImageFolder(Dataset):
                 img = self.transform(img)
         except ValueError as err:
             return {"pixels": None, "key": key, "label": -1, "error": str(err)}
+        except (MemoryError, RuntimeError) as err:  # e.g. an allocation failure: this image's error, not the job's
+            reason = f"{key}: cannot be transformed ({type(err).__name__}: {str(err)[:200]})"
+            return {"pixels": None, "key": key, "label": -1, "error": reason}
         return {"pixels": img, "key": key, "label": -1, "error": None}
 
 
@@ -123,6 +203,8 @@ class HFImageDataset(Dataset):
                 img = self.transform(img)
         except (ValueError, TypeError, OSError, KeyError) as err:
             return {"pixels": None, "key": str(i), "label": label, "error": f"row {i}: {err}"}
+        except (MemoryError, RuntimeError) as err:  # e.g. an allocation failure: this row's error, not the job's
+            return {"pixels": None, "key": str(i), "label": label, "error": f"row {i}: {type(err).__name__}: {str(err)[:200]}"}
         return {"pixels": img, "key": str(i), "label": label, "error": None}
 
 
@@ -136,15 +218,25 @@ def open_image_source(
 ) -> Dataset:
     """An `ImageFolder` for a local folder/file, else a `datasets` dataset (saved folder or Hub name).
 
+    A value that looks like a path (`looks_like_path`) and does not exist is an error, never
+    a Hub lookup.
+
     Raises:
-        FileNotFoundError: a local-looking path that does not exist.
+        FileNotFoundError: a path-looking value that does not exist.
     """
     path = Path(str(data)).expanduser()
     if path.exists() and not _is_saved_dataset(path):
         return ImageFolder(path, transform)
-    if not path.exists() and str(data).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"no such file or folder: {str(data)!r}")
+    if not path.exists() and looks_like_path(str(data)):
+        raise FileNotFoundError(f"no such folder: {str(data)!r}")
     return HFImageDataset(str(data), split=split, image_column=image_column, label_column=label_column, transform=transform)
+
+
+def looks_like_path(value: str) -> bool:
+    """A local path, not a Hub name: starts with `.`, `~` or a separator, ends with a separator,
+    holds a backslash or the OS separator, or has more than the one `/` of `org/name`."""
+    seps = tuple({"/", os.sep})
+    return value.startswith((".", "~", *seps)) or value.endswith(seps) or "\\" in value or value.count("/") > 1
 
 
 def _is_saved_dataset(path: Path) -> bool:

@@ -1,8 +1,8 @@
 """Image sources at the model's resolution, with the resize policy applied and counted.
 
 Items follow `vit_vq.data`: dicts `{"pixels": float [3, H, W] in [0, 1] | None, "key",
-"label", "error"}`. `ModelSizedImages` brings readable images to `[3, S, S]` — resizing
-the short side and center-cropping (`resize="crop"`), or rejecting other sizes with a
+"label", "error"}`. `ModelSizedImages` brings readable images to `[3, S, S]` — center-cropping
+the largest square and resizing it (`resize="crop"`), or rejecting other sizes with a
 reason (`resize="none"`) — and marks each item `resized`, so commands can say what they did.
 """
 
@@ -69,7 +69,8 @@ class ModelSizedImages(Dataset):
     Args:
         base: a dataset of `vit_vq.data` item dicts (without a resizing transform).
         size: the model's `image_size`.
-        resize: `"crop"` resizes the short side to `size` and center-crops; `"none"` turns
+        resize: `"crop"` center-crops the largest square and resizes it to `size` (memory
+            bounded by the image plus the output, whatever its shape); `"none"` turns
             any other size into an unreadable item whose `error` says why.
         indices: optional subset (and order) of `base`'s items.
 
@@ -102,7 +103,10 @@ class ModelSizedImages(Dataset):
                     "use --resize crop to resize the short side and center-crop"
                 )
                 return item
-            item["pixels"], item["resized"] = resize_center_crop(pixels, S), True
+            try:
+                item["pixels"], item["resized"] = resize_center_crop(pixels, S), True
+            except (ValueError, MemoryError, RuntimeError) as err:  # this image's error, never the job's
+                item["pixels"], item["error"] = None, f"{item['key']}: cannot be resized ({type(err).__name__}: {str(err)[:200]})"
         return item
 
 
