@@ -1,19 +1,20 @@
 """Tokenize an image collection with Ray Data, on as many machines and GPUs as the cluster has.
 
-`vit_vq.pipeline.TokenizeBatch` is a callable class: Ray builds one per actor (each loads
-the tokenizer once, on its own GPU) and feeds it batches of decoded images. Every output
-row keeps its `path`, and carries `codes` `[h, w]` (smallest unsigned dtype), `ok` and
-`error` (unreadable or wrong-size images are kept as rows with `ok=False` and the reason).
+Ray reads the files as bytes (`read_binary_files`), and `vit_vq.pipeline.TokenizeBatch`
+decodes them: an unreadable file becomes a row with `ok=False` and the reason, instead of
+an exception in Ray's image reader that ends the job. `TokenizeBatch` is a callable class:
+Ray builds one per actor (each loads the tokenizer once, on its own GPU; the class pickles by
+model name, not weights). Every output row keeps its `path`, and carries `codes` `[h, w]`
+(smallest unsigned dtype), `ok` and `error`.
 
-    pip install 'vit_vq[ray]'
+    pip install "ray[data]"          # or, in a vit_vq checkout: pip install ".[ray]"
     python examples/tokenize_with_ray.py --data s3://bucket/images --out s3://bucket/codes \
         --model org/tokenizer --workers 8 --gpus-per-worker 1
 
-The output is Parquet, one file per block. Read it back with
+The output is Parquet, one file per block. Read it back, without Ray, with `read_codes`:
 
-    import pyarrow.dataset as pads
-    table = pads.dataset("codes/").to_table(filter=pads.field("ok"))
-    codes = np.stack(table["codes"].to_numpy(zero_copy_only=False))   # [N, h, w]
+    from tokenize_with_ray import read_codes
+    codes, paths = read_codes("codes/")      # uint [N, h, w] and N paths, the readable images only
 
 Single-machine jobs need no Ray: `vit-vq tokenize` (or `torchrun ... vit-vq tokenize`)
 writes resumable shards with a manifest; see docs/tokenizing.md.
@@ -22,22 +23,27 @@ writes resumable shards with a manifest; see docs/tokenizing.md.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
+
+import numpy as np
 
 from vit_vq.pipeline import TokenizeBatch
 
 
 def build_pipeline(ray: Any, args: argparse.Namespace) -> Any:
-    """The Ray Data pipeline: read images -> TokenizeBatch actors -> Parquet (returned unexecuted)."""
-    # Images stay at their own size here; TokenizeBatch resizes the short side and center-crops.
-    ds = ray.data.read_images(args.data, mode="RGB", include_paths=True)
+    """The Ray Data pipeline: read bytes -> TokenizeBatch actors (decode, code) -> rows (returned unexecuted)."""
+    # Every file is read as bytes (unreadable ones included, so they are reported); TokenizeBatch
+    # decodes, resizes the short side and center-crops.
+    ds = ray.data.read_binary_files(args.data, include_paths=True)  # columns: bytes, path
     gpu = args.gpus_per_worker > 0
     return ds.map_batches(
         TokenizeBatch,
         fn_constructor_kwargs={
             "model": args.model,
             "revision": args.revision,
+            "image_column": "bytes",
             "passthrough": ("path",),
             "device": "cuda" if gpu else "cpu",
             "precision": args.precision,
@@ -50,11 +56,33 @@ def build_pipeline(ray: Any, args: argparse.Namespace) -> Any:
     )
 
 
+def read_codes(out: str) -> tuple[np.ndarray, list[str]]:
+    """The Parquet output -> (codes uint `[N, h, w]`, N paths) of the rows with `ok`, in file order.
+
+    Needs only pyarrow. Ray stores each row's codes as a tensor column that plain pyarrow reads
+    as a flat list of `h * w` values; vit_vq grids are square, so the shape follows.
+    """
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(out, format="parquet").to_table(filter=pads.field("ok"))
+    chunks = [c.storage if isinstance(c.type, pa.ExtensionType) else c for c in table["codes"].chunks]
+    flat = [np.asarray(c.flatten()) for c in chunks]
+    values = np.concatenate(flat) if flat else np.zeros(0, np.uint8)
+    n = table.num_rows
+    side = math.isqrt(values.size // n) if n else 0
+    if side * side * n != values.size:
+        raise ValueError(f"{out}: {values.size} code values do not make {n} square grids")
+    return values.reshape(n, side, side), table["path"].to_pylist()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Tokenize images with Ray Data and vit_vq.")
-    p.add_argument("--data", required=True, help="image folder or URI that ray.data.read_images accepts")
+    p.add_argument("--data", required=True, help="image folder or URI that ray.data.read_binary_files accepts")
     p.add_argument("--out", required=True, help="output folder or URI for Parquet files")
-    p.add_argument("--model", required=True, help="tokenizer: Hub id or a folder every worker can read")
+    p.add_argument(
+        "--model", default="vit_vq:default", help="tokenizer: vit_vq:default, a Hub id, or a folder every worker can read"
+    )
     p.add_argument("--revision", default=None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=1, help="tokenizer actors (one model copy each)")
@@ -65,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import ray
     except ImportError:
-        print("this example needs Ray Data: pip install 'vit_vq[ray]'", file=sys.stderr)
+        print('this example needs Ray Data: pip install "ray[data]"', file=sys.stderr)
         return 2
     ray.init(ignore_reinit_error=True)
     build_pipeline(ray, args).write_parquet(args.out)

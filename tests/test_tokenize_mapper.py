@@ -1,4 +1,7 @@
-"""`TokenizeBatch` in `datasets.Dataset.map(batched=True)`, pickled, and with Ray-style numpy batches."""
+"""`TokenizeBatch` in `datasets.Dataset.map(batched=True)`, pickled, and with Ray-style numpy batches.
+
+The real Ray pipeline of `examples/tokenize_with_ray.py` is tested in `test_ray_datasets.py`.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ def test_datasets_map_batched(tmp_path, photos, tiny_tokenizer_dir, tok):
     out = ds.map(fn, batched=True, batch_size=2)
     assert set(out.column_names) == {"image", "label", "codes", "ok", "error"}
     assert out["ok"] == [True, True, False, True, True]
-    assert out["error"][2].startswith("UnidentifiedImageError") and out["error"][0] == ""
+    assert "not a readable image (UnidentifiedImageError" in out["error"][2] and out["error"][0] == ""
     expected = tok.encode(tok.preprocess([images[i] for i in (0, 1, 3, 4)]))
     got = torch.tensor(np.array([out[i]["codes"] for i in (0, 1, 3, 4)]))
     assert torch.equal(got.long(), expected)
@@ -76,50 +79,3 @@ def test_in_memory_tokenizer(tok, photos):
     fn = TokenizeBatch(tok, device="cpu")
     out = fn({"image": [torch.from_numpy(photos[0]).permute(2, 0, 1)]})
     assert out["ok"].tolist() == [True] and fn.info.model_id == "<in-memory>"
-
-
-class FakeRayDataset:
-    """Just the Ray Data calls `examples/tokenize_with_ray.py` makes, run in-process (Ray is an optional extra)."""
-
-    def __init__(self, batches: list[dict]):
-        self.batches = batches
-
-    @classmethod
-    def read_images(cls, root, *, mode, include_paths):
-        from pathlib import Path
-
-        assert mode == "RGB" and include_paths
-        files = sorted(Path(root).rglob("*.png"))
-        images = np.empty(len(files), dtype=object)  # ragged sizes: an object column, as in Ray
-        for i, f in enumerate(files):
-            images[i] = np.asarray(Image.open(f).convert("RGB"))
-        return cls([{"image": images, "path": np.array([str(f) for f in files])}])
-
-    def map_batches(self, fn_cls, *, fn_constructor_kwargs, batch_size, batch_format, concurrency, num_gpus):
-        assert batch_format == "numpy" and concurrency >= 1 and num_gpus == 0
-        fn = pickle.loads(pickle.dumps(fn_cls(**fn_constructor_kwargs)))  # an actor's copy
-        rows = self.batches[0]
-        n = len(rows["path"])
-        return FakeRayDataset([fn({k: v[i : i + batch_size] for k, v in rows.items()}) for i in range(0, n, batch_size)])
-
-
-def test_ray_example_pipeline(tiny_tokenizer_dir, photo_dir, tok):
-    import argparse
-    import importlib.util
-    import types
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "tokenize_with_ray.py"
-    spec = importlib.util.spec_from_file_location("tokenize_with_ray", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    args = argparse.Namespace(
-        data=str(photo_dir), model=str(tiny_tokenizer_dir), revision=None, batch_size=4, workers=2,
-        gpus_per_worker=0, precision="fp32", resize="crop",
-    )
-    result = example.build_pipeline(types.SimpleNamespace(data=FakeRayDataset), args)
-    paths = [p for b in result.batches for p in b["path"]]
-    codes = np.concatenate([b["codes"] for b in result.batches])
-    assert len(paths) == 6 and all(ok for b in result.batches for ok in b["ok"])
-    expected = tok.encode(tok.preprocess([Image.open(p) for p in paths]))
-    assert torch.equal(torch.from_numpy(codes.astype(np.int64)), expected)

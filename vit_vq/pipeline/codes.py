@@ -3,13 +3,16 @@
 A codes file is one safetensors file with one tensor, `codes` `[N, h, w]` in the smallest
 unsigned dtype that holds `codebook_size - 1`, and string metadata (JSON values):
 
-    format            "vit_vq.codes"      format_version   "1"
+    format            "vit_vq.codes"      format_version   "2"
     names             ["a.png", ...]      grid             [h, w]
     codebook_size     8192                image_size       256
     model_id, revision, config_hash       (which tokenizer made the codes)
+    decoder_hash                          (the decoding weights as loaded, whatever the precision)
     lookup_backend, lookup_precision, precision, vit_vq_version
 
-`load_codes` returns int64 codes and refuses files that are not codes files.
+`load_codes` returns int64 codes and refuses files that are not codes files. Format 1
+files still load; their `decoder_hash` was taken after the cast to the compute precision,
+so it cannot be compared with today's and is dropped (`None`) with a warning.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +34,7 @@ from ..hub import current_umask
 from .runtime import ModelInfo
 
 CODES_FORMAT = "vit_vq.codes"
-CODES_FORMAT_VERSION = 1
+CODES_FORMAT_VERSION = 2  # 2: decoder_hash taken before the precision cast
 
 
 def smallest_uint_dtype(codebook_size: int) -> np.dtype:
@@ -155,7 +159,10 @@ def load_codes(path: str | Path) -> CodesFile:
         raise ValueError(f"{path} is not a readable safetensors codes file: {err}") from err
     if meta.get("format") != CODES_FORMAT:
         raise ValueError(f"{path} is a safetensors file but not a vit_vq codes file (metadata format={meta.get('format')!r})")
-    version = int(meta.get("format_version", "0"))
+    text = meta.get("format_version", "")
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{path}: codes metadata format_version must be a whole number >= 1, got {text!r}")
+    version = int(text)
     if version > CODES_FORMAT_VERSION:
         raise ValueError(f"{path} uses codes format {version}; this vit_vq reads up to {CODES_FORMAT_VERSION}: upgrade vit_vq")
     try:
@@ -164,6 +171,15 @@ def load_codes(path: str | Path) -> CodesFile:
         codebook_size, image_size = int(meta["codebook_size"]), int(meta["image_size"])
     except (KeyError, ValueError) as err:
         raise ValueError(f"{path}: codes metadata is missing or malformed ({err})") from err
+    if version < 2 and fields.get("decoder_hash"):
+        warnings.warn(
+            f"{path} was written by an older vit_vq (codes format {version}) whose decoder_hash depends on the "
+            f"compute precision; the decoder weights cannot be checked (the config hash still is)",
+            stacklevel=2,
+        )
+        fields["decoder_hash"] = None
+    if array.dtype.kind not in "ui":  # float codes would be truncated silently by the int64 cast
+        raise ValueError(f"{path}: codes must be stored as integers, got dtype {array.dtype}")
     if array.ndim != 3 or array.shape[0] != len(names):
         raise ValueError(f"{path}: codes of shape {array.shape} do not match {len(names)} names")
     return CodesFile(

@@ -3,7 +3,9 @@
 Written once by rank 0 after every shard is complete. Keys:
 
     format, format_version, vit_vq_version
+    run                                   sha256 (16 hex) of the run fingerprint (model, data, settings)
     model, revision, config_hash          the tokenizer (Hub id or folder, commit, config hash)
+    decoder_hash                          the decoding weights as loaded, whatever the precision
     lookup_backend, lookup_precision      how nearest codes were searched
     precision                             encoder compute dtype
     codebook_size, image_size, grid, codes_dtype, shard_format, shard_size, world_size
@@ -16,11 +18,14 @@ Written once by rank 0 after every shard is complete. Keys:
                                             start, stop, num_images, num_skipped}]
 
 `num_images + len(skipped) == num_inputs` always holds: no image is lost or counted twice.
+Format 1 manifests still load; their `decoder_hash` depended on the compute precision and
+is dropped (`None`) with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,7 @@ from .shards import read_shard
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "vit_vq.tokenized"
-MANIFEST_FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 2  # 2: decoder_hash taken before the precision cast; run
 
 
 def build_manifest(
@@ -47,8 +52,9 @@ def build_manifest(
     shard_size: int,
     world_size: int,
     data: dict[str, Any],
+    run: str,
 ) -> dict[str, Any]:
-    """Combine the shard records (any order) into a manifest.
+    """Combine the shard records (any order) into a manifest; `run` is the run fingerprint's digest.
 
     Raises:
         RuntimeError: the records do not cover `[0, num_inputs)` exactly once, or the counts
@@ -90,6 +96,7 @@ def build_manifest(
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_FORMAT_VERSION,
         "vit_vq_version": __version__,
+        "run": run,
         "model": info.model_id,
         "revision": info.revision,
         "config_hash": info.config_hash,
@@ -129,11 +136,24 @@ def load_manifest(out: str | Path) -> dict[str, Any]:
     path = Path(out).expanduser() / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST_NAME} in {str(out)!r}; has `vit-vq tokenize` finished there?")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != MANIFEST_FORMAT:
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path} is not valid JSON ({type(err).__name__}); is it a vit_vq manifest?") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path} is not a vit_vq tokenized-data manifest")
-    if manifest.get("format_version", 0) > MANIFEST_FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {manifest['format_version']}; upgrade vit_vq")
+    version = manifest.get("format_version")
+    if type(version) is not int or version < 1:
+        raise ValueError(f"{path}: format_version must be a whole number >= 1, got {version!r}")
+    if version > MANIFEST_FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {version}; this vit_vq reads up to {MANIFEST_FORMAT_VERSION}: upgrade")
+    if version < 2 and manifest.get("decoder_hash"):
+        warnings.warn(
+            f"{path} was written by an older vit_vq (format {version}) whose decoder_hash depends on the compute "
+            "precision; it is dropped",
+            stacklevel=2,
+        )
+        manifest["decoder_hash"] = None
     return manifest
 
 

@@ -2,17 +2,23 @@
 
 It plugs into `datasets.Dataset.map(batched=True)` and Ray Data's `map_batches` (as a
 callable class, so each actor loads the model once). The model is loaded lazily on
-the first call, and pickling drops the loaded copy: only the model id and settings
-travel to workers.
+the first call, and pickling drops the loaded copy: only the model name, the settings and
+a fingerprint of the weights travel (to workers, and into `datasets`' cache fingerprint,
+so changed weights in the same folder are never answered from the cache).
 
-Input batch: a dict of columns; `image_column` holds PIL images, numpy `[H, W, C]`
-arrays (or one `[B, H, W, C]` array), tensors `[C, H, W]`, file paths, or `datasets`
-`{"bytes", "path"}` dicts. Output: a dict with one row per input row:
+Input batch: a dict of columns; `image_column` holds encoded image bytes (Ray's
+`read_binary_files`), `datasets` `{"bytes", "path"}` dicts (`Image(decode=False)`), file
+paths, PIL images, numpy `[H, W, C]` arrays (or one `[B, H, W, C]` array) or tensors
+`[C, H, W]`. Output: a dict with one row per input row:
 
     codes   [B, h, w] in the smallest unsigned dtype for the codebook (zeros where not ok)
     ok      [B] bool: the image was readable (and of the right size under resize="none")
     error   [B] str: why not ("" when ok)
     ...     plus any `passthrough` columns, copied unchanged (Ray replaces the batch; datasets merges)
+
+A corrupt image is a row with `ok=False` as long as it reaches `TokenizeBatch` undecoded:
+`datasets` decodes an `Image()` column before calling the function (and raises on a corrupt
+file), so use `TokenizeBatch.map_dataset`, which reads the column undecoded.
 """
 
 from __future__ import annotations
@@ -25,26 +31,34 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data import load_image
 from ..preprocess import resize_center_crop, to_tensor
 from ..tokenizer import ViTVQTokenizer
 from .codes import smallest_uint_dtype, to_storage
-from .runtime import ModelInfo, load_tokenizer, prepare_for_inference
+from .runtime import ModelInfo, load_tokenizer, prepare_for_inference, weights_fingerprint
 from .sources import RESIZE_MODES, ResizeMode
+
+# What one unreadable row may raise; anything else (a bug, a broken model) still stops the job.
+ROW_ERRORS = (ValueError, TypeError, OSError, MemoryError, RuntimeError)
 
 
 def _decode_image(value: Any) -> torch.Tensor:
-    """One cell of an image column -> float `[3, H, W]` in [0, 1]."""
-    from PIL import Image
+    """One cell of an image column -> float `[3, H, W]` in [0, 1].
 
+    Raises:
+        ValueError: unreadable bytes or file, an empty cell. TypeError: an unsupported value.
+    """
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
-        source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
-        if source is None:
+        if value.get("bytes"):
+            value = bytes(value["bytes"])
+        elif value.get("path"):
+            value = value["path"]
+        else:
             raise ValueError("image cell has neither bytes nor a path")
-        value = source
-    if isinstance(value, (str, Path, io.BytesIO)):
-        with Image.open(value) as im:
-            im.load()
-            return to_tensor(im)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return load_image(io.BytesIO(value))
+    if isinstance(value, (str, Path)):
+        return load_image(value)
     return to_tensor(value)
 
 
@@ -52,7 +66,8 @@ class TokenizeBatch:
     """Code a batch of images; see the module docstring for the columns.
 
     Args:
-        model: a Hub id or folder (loaded lazily on first call), or a `ViTVQTokenizer`.
+        model: `vit_vq:default`, a Hub id or a folder (loaded lazily on first call, through
+            `ViTVQTokenizer.from_pretrained`), or a `ViTVQTokenizer`.
         image_column: the column with the images.
         passthrough: columns copied to the output (e.g. `("path", "label")` under Ray).
         revision: Hub revision. device: `"auto"`, `"cpu"`, `"cuda"`, ...
@@ -64,7 +79,7 @@ class TokenizeBatch:
         ValueError: an unknown `resize`. KeyError (on call): a missing image or passthrough column.
 
     Example:
-        >>> ds = ds.map(TokenizeBatch("org/tokenizer"), batched=True, batch_size=64)
+        >>> ds = TokenizeBatch("org/tokenizer").map_dataset(ds, batch_size=64)
     """
 
     def __init__(
@@ -91,7 +106,13 @@ class TokenizeBatch:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_tok"] = state["_info"] = None  # workers reload from `model`
+        if not isinstance(self.model, ViTVQTokenizer):  # an in-memory model pickles its weights itself
+            state["_weights"] = weights_fingerprint(str(self.model), self.revision)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.pop("_weights", None)  # only there for fingerprints (datasets' cache)
+        self.__dict__.update(state)
 
     def _load(self) -> tuple[ViTVQTokenizer, ModelInfo]:
         if self._tok is None:
@@ -126,8 +147,8 @@ class TokenizeBatch:
                     if self.resize == "none":
                         raise ValueError(f"image is {img.shape[2]}x{img.shape[1]} px but the model takes {S}x{S}")
                     img = resize_center_crop(img, S)
-            except (ValueError, TypeError, OSError) as err:
-                errors.append(f"{type(err).__name__}: {err}")
+            except ROW_ERRORS as err:  # ValueErrors say what they are; others are named
+                errors.append(str(err)[:500] if isinstance(err, ValueError) else f"{type(err).__name__}: {str(err)[:500]}")
                 continue
             pixels.append(img)
             rows.append(i)
@@ -137,8 +158,26 @@ class TokenizeBatch:
             device = next(tok.parameters()).device
             codes[rows] = to_storage(tok.encode(torch.stack(pixels).to(device)), tok.config.codebook_size)
         out: dict[str, Any] = {name: batch[name] for name in self.passthrough}
-        out.update(codes=codes, ok=np.array([e == "" for e in errors]), error=np.array(errors, dtype=object))
+        out.update(codes=codes, ok=np.array([e == "" for e in errors], dtype=bool), error=np.array(errors, dtype=object))
         return out
+
+    def map_dataset(self, ds: Any, *, batch_size: int = 64, **map_kwargs: Any) -> Any:
+        """`ds.map(self, batched=True, ...)` for a `datasets.Dataset` or `DatasetDict`, corrupt rows included.
+
+        An `Image()` column is read undecoded (`Image(decode=False)`) so that `TokenizeBatch`
+        decodes it and turns a corrupt image into `ok=False`, then cast back: the result has
+        the input's columns and features plus `codes`, `ok` and `error`.
+        """
+        import datasets
+
+        if isinstance(ds, datasets.DatasetDict):
+            return datasets.DatasetDict({k: self.map_dataset(v, batch_size=batch_size, **map_kwargs) for k, v in ds.items()})
+        feature = ds.features.get(self.image_column)
+        decoded = isinstance(feature, datasets.Image) and feature.decode
+        if decoded:
+            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
+        out = ds.map(self, batched=True, batch_size=batch_size, **map_kwargs)
+        return out.cast_column(self.image_column, feature) if decoded else out
 
 
 __all__ = ["TokenizeBatch"]

@@ -7,6 +7,7 @@ codes are never decoded by a tokenizer they were not made with.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -28,14 +29,16 @@ LOOKUP_PRECISION = "exact"  # what ViTVQTokenizer.encode asks nearest_code for
 class ModelInfo:
     """Provenance and run settings recorded beside every set of codes.
 
-    model_id: the Hub id or the folder the tokenizer came from (`"default"` for the bundled one).
+    model_id: the Hub id or the folder the tokenizer came from (`vit_vq:default` for the bundled one).
     revision: the Hub commit (resolved from the cache when possible), else the requested revision,
         else `None` (local folders).
     config_hash: `ViTVQConfig.config_hash()`; decoding checks it.
     lookup_backend / lookup_precision: how nearest codes were searched.
     precision: the encoder/decoder compute dtype (`fp32`, `bf16`, `fp16`).
     decoder_hash: sha256 (16 hex) of the weights that turn codes into pixels (codebook and
-        decoder); decoding checks it, so re-exported weights under the same name are caught.
+        decoder) as loaded, before any cast to `precision` (see `decoder_hash`); decoding checks
+        it, so re-exported weights under the same name are caught while codes made at any
+        precision on any device decode at any other.
     """
 
     model_id: str
@@ -139,29 +142,69 @@ def prepare_for_inference(
     """Move, cast and optionally compile a tokenizer; return it with its `ModelInfo`."""
     dev = device if isinstance(device, torch.device) else pick_device(device)
     prec = pick_precision(precision, dev)
+    weights = decoder_hash(tok)  # before the cast: the weights' identity, not the compute dtype's
     tok = cast_for_inference(tok.to(dev).eval(), prec)
     if compile:
         tok.compile()
     info = ModelInfo(
         model_id=model_id,
-        revision=resolve_revision(model_id, revision) if model_id != "default" else revision,
+        revision=resolve_revision(model_id, revision),
         config_hash=tok.config.config_hash(),
         lookup_backend=lookup_backend(dev),
         lookup_precision=LOOKUP_PRECISION,
         precision=prec,
-        decoder_hash=decoder_hash(tok),
+        decoder_hash=weights,
     )
     return tok, info
 
 
 def decoder_hash(tok: ViTVQTokenizer) -> str:
-    """sha256 (16 hex chars) of the codebook and decoder weights, as float32 bytes."""
+    """sha256 (16 hex chars) of the weights that turn codes into pixels, in a canonical form.
+
+    Covers `quantizer.embed` (the stored codebook) and every `decoder.*` tensor: for each, in
+    name order, its name, its shape and its values as little-endian float32 bytes. The hash
+    does not depend on the device, and float32 holds every fp16/bf16 value exactly, so weights
+    stored in fp16 and loaded into float32 hash the same as when loaded in fp16. Take it
+    before casting to a lower compute precision (`prepare_for_inference` does): a bf16 copy of
+    float32 weights holds other numbers.
+    """
+    state = {"quantizer.embed": tok.quantizer.embed, **{f"decoder.{k}": v for k, v in tok.decoder.state_dict().items()}}
     digest = hashlib.sha256()
-    digest.update(tok.quantizer.codebook().detach().float().cpu().numpy().tobytes())
-    for name, tensor in sorted(tok.decoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    for name, tensor in sorted(state.items()):
+        values = tensor.detach().cpu()
+        array = (values.float() if values.is_floating_point() else values).contiguous().numpy()
+        digest.update(f"{name}:{array.shape}:{array.dtype.name}\0".encode())
+        digest.update(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
     return digest.hexdigest()[:16]
+
+
+def weights_fingerprint(name: str, revision: str | None = None) -> str | None:
+    """sha256 (16 hex) of a model's `config.json` and `model.safetensors` bytes as stored.
+
+    For `vit_vq:default`, a folder, or a Hub id already in the local cache (no download);
+    None when the files cannot be found locally. Files are re-hashed only when their size,
+    modification time or inode change.
+    """
+    from .. import hub
+
+    try:
+        files = hub.resolve_files(name, revision=revision, local_files_only=True)
+        stats = [(str(f), st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [os.stat(f)]]
+    except Exception:  # not local (yet): a fingerprint without the weights, as before loading
+        return None
+    digest = hashlib.sha256()
+    for stat in stats:
+        digest.update(_file_sha256(*stat).encode())
+    return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def synchronize(device: torch.device) -> None:
@@ -181,5 +224,7 @@ __all__ = [
     "lookup_backend",
     "cast_for_inference",
     "prepare_for_inference",
+    "decoder_hash",
+    "weights_fingerprint",
     "synchronize",
 ]

@@ -10,11 +10,12 @@ a job can be resumed with a different world size. Shard `k` is written by rank
     codes-00007.npy           the same as .npy files instead: `codes-00007.npy`,
     codes-00007.indices.npy, codes-00007.labels.npy
     codes-00007.json          the record: item range, counts, keys (file names or row ids),
-                              skipped items with reasons, SHA-256 of every data file, run fingerprint
+                              skipped items with reasons, SHA-256 of every data file, run fingerprint,
+                              and a digest of the shard's input files as they were (size, mtime)
 
 Every file is written atomically (temporary file + `os.replace`), data first and the
 record last, so a record's presence means the shard is complete; `is_complete` re-checks
-the checksums before a resumed run skips it.
+the checksums, and the shard's inputs, before a resumed run skips it.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def write_shard(
     num_resized: int,
     fmt: ShardFormat,
     run: dict[str, Any],
+    inputs: str | None = None,
 ) -> dict[str, Any]:
     """Write one shard's data files and then its record, each atomically; return the record.
 
@@ -96,6 +98,7 @@ def write_shard(
         indices: the n input positions; labels: n labels or None; keys: n names.
         skipped: `{"path", "reason"}` for the unreadable items of this shard's range.
         run: the run fingerprint (model, data, sharding), checked on resume.
+        inputs: a digest of the state of this shard's inputs (see `is_complete`), or None.
     """
     if not (codes.shape[0] == len(indices) == len(keys)) or (labels is not None and len(labels) != len(keys)):
         raise ValueError(f"shard {spec.index}: {codes.shape[0]} codes, {len(indices)} indices, {len(keys)} keys do not match")
@@ -124,6 +127,7 @@ def write_shard(
         "keys": keys,
         "skipped": skipped,
         "run": run,
+        "inputs": inputs,
     }
     atomic_write_json(record_path(out, spec), record)
     return record
@@ -134,27 +138,33 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def is_complete(out: Path, spec: ShardSpec, run: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+def is_complete(
+    out: Path, spec: ShardSpec, run: dict[str, Any], inputs: str | None = None
+) -> tuple[dict[str, Any] | None, str | None]:
     """Check an existing shard before a resumed run skips it.
 
     Returns:
-        `(record, None)` when the shard is complete and intact; `(None, None)` when it must be
-        (re)written (missing, partial or corrupt files); `(None, reason)` when it was made by a
-        different run (other model, data or settings), which a resume must not mix in.
+        `(record, None)` when the shard is complete, intact and its inputs are unchanged
+        (`inputs` equals the digest it was made from); `(None, None)` when this run must
+        (re)write it (missing, partial or corrupt files, or inputs changed since); `(None, reason)`
+        when its record was not made by this run (other model, data or settings, or not a shard
+        record at all), which a resume must not overwrite or mix in.
     """
     path = record_path(out, spec)
     if not path.is_file():
         return None, None
     try:
         record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None, None
-    if record.get("run") != run:
-        old, new = record.get("run") or {}, run
+    except (OSError, ValueError, RecursionError):
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("run"), dict):
+        return None, f"{path.name} is not a vit_vq shard record"
+    if record["run"] != run:
+        old, new = record["run"], run
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:3])
         return None, f"{path.name} was made by a different run ({detail})"
-    if (record.get("start"), record.get("stop")) != (spec.start, spec.stop):
+    if (record.get("start"), record.get("stop")) != (spec.start, spec.stop) or record.get("inputs") != inputs:
         return None, None
     for name, digest in (record.get("sha256") or {}).items():
         if not (out / name).is_file() or sha256_file(out / name) != digest:

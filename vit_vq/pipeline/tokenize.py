@@ -5,8 +5,13 @@ Launched plainly, one process does everything. Under `torchrun` or `accelerate l
 rank codes the shards `k % world_size == rank` (no padding, no duplicates), then after a
 barrier rank 0 gathers the shard records and writes `manifest.json`.
 
-Resuming: a shard whose record and checksums are intact, and whose run fingerprint
-(model, data, settings) matches, is skipped; anything else in its range is rewritten.
+The output folder is locked for the whole run (`outdir.FolderLock`): a second run into
+it is refused with the holder's PID. Resuming: a shard whose record and checksums are
+intact, whose run fingerprint (model, data, settings) matches and whose input files have
+the size and modification time they had, is skipped; a shard of this run with a changed
+input or a damaged file is rewritten. A file this run would write that another run made
+(a shard record, a manifest, a shard file without a record) is never overwritten without
+`overwrite=True`. An output folder inside an image-folder input is left out of the inputs.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -29,9 +35,10 @@ from torch.utils.data import DataLoader
 from ..data import open_image_source
 from ..tokenizer import ViTVQTokenizer
 from .codes import smallest_uint_dtype, to_storage
-from .manifest import build_manifest, write_manifest
+from .manifest import MANIFEST_NAME, build_manifest, write_manifest
+from .outdir import FolderInUseError, FolderLock, exclude_folder
 from .runtime import ModelInfo
-from .shards import ShardFormat, ShardSpec, is_complete, plan_shards, shards_for_rank, write_shard
+from .shards import ShardFormat, ShardSpec, data_files, is_complete, plan_shards, record_path, shards_for_rank, write_shard
 from .sources import ModelSizedImages, ResizeMode, collate_sized
 
 logger = logging.getLogger(__name__)
@@ -49,7 +56,8 @@ class TokenizeOptions:
     shard_size: input items per shard. batch_size: images per forward pass.
     fmt: `"safetensors"` or `"npy"`. resize: `"crop"` or `"none"` (other sizes are skipped, with a reason).
     split / image_column / label_column: for `datasets` inputs; labels are stored when a column is named.
-    overwrite: rewrite shards made by a different run instead of refusing.
+    overwrite: rewrite files this run did not make (shards and a manifest of a different run,
+        shard files without a record) instead of refusing.
     """
 
     data: str
@@ -123,6 +131,24 @@ def _inputs_digest(source: Any) -> str:
     return digest.hexdigest()[:16]
 
 
+def _shard_inputs(source: Any, spec: ShardSpec) -> str | None:
+    """sha256 (16 hex) of the size and modification time of shard `spec`'s input files (None for datasets).
+
+    An image replaced under the same name changes it, so a resume re-codes that shard.
+    A `datasets` input needs none: its fingerprint (in the run) covers the content.
+    """
+    if not hasattr(source, "files"):
+        return None
+    digest = hashlib.sha256()
+    for f in source.files[spec.start : spec.stop]:
+        try:
+            st = os.stat(f)
+            digest.update(f"{st.st_size}:{st.st_mtime_ns}\0".encode())
+        except OSError as err:
+            digest.update(f"unreadable:{err.errno}\0".encode())
+    return digest.hexdigest()[:16]
+
+
 def _run_fingerprint(opts: TokenizeOptions, info: ModelInfo, source: Any) -> dict[str, Any]:
     path = Path(opts.data).expanduser()
     return {
@@ -137,6 +163,65 @@ def _run_fingerprint(opts: TokenizeOptions, info: ModelInfo, source: Any) -> dic
         "format": opts.fmt,
         "resize": opts.resize,
     }
+
+
+def _digest(run: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _open_source(opts: TokenizeOptions, out: Path) -> Any:
+    """The input items, without the files of `out` when it lies inside an image-folder input."""
+    source = open_image_source(opts.data, split=opts.split, image_column=opts.image_column, label_column=opts.label_column)
+    if hasattr(source, "files") and getattr(source, "root", None) is not None and source.root.is_dir():
+        source.files = exclude_folder(source.files, source.root, out)
+    if len(source) == 0:
+        raise ValueError(f"{opts.data!r} holds no input items")
+    return source
+
+
+@contextlib.contextmanager
+def _locked(out: Path, rank: int, world_size: int) -> Iterator[tuple[FolderLock | None, str | None]]:
+    """Rank 0 locks `out` for the whole run; yields `(the lock on rank 0, the run the folder last held)`.
+
+    Raises:
+        FolderInUseError (on every rank): another run holds the folder.
+    """
+    lock, error = (FolderLock(out), None) if rank == 0 else (None, None)
+    if lock is not None:
+        try:
+            lock.acquire()
+        except FolderInUseError as err:
+            error = str(err)
+    error, previous = _gather((error, lock.previous_run if lock else None), world_size)[0]
+    if error is not None:
+        raise FolderInUseError(error)
+    try:
+        yield lock, previous
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _foreign_files(out: Path, spec: ShardSpec, opts: TokenizeOptions) -> list[str]:
+    """Data files of shard `spec` that exist without a record (only ever written by a run before its record)."""
+    if record_path(out, spec).is_file():
+        return []
+    names = data_files(opts.fmt, spec.stem, opts.label_column is not None).values()
+    return [f"{name} exists but no record of this run describes it" for name in names if (out / name).exists()]
+
+
+def _manifest_conflict(out: Path, run_digest: str) -> str | None:
+    """Why `out/manifest.json` is not this run's to rewrite (None when absent or ours)."""
+    path = out / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        old = None
+    if isinstance(old, dict) and old.get("run") == run_digest:
+        return None
+    return f"{MANIFEST_NAME} describes a different run (or is not a vit_vq manifest)"
 
 
 def _batches(pending: list[ShardSpec], batch_size: int) -> list[tuple[ShardSpec, list[int], bool]]:
@@ -155,47 +240,85 @@ def tokenize_dataset(
     """Code every image of `opts.data` into shards under `opts.out`; rank 0 writes the manifest.
 
     Call it on every rank (inside `distributed(...)` when launched with several processes);
-    `tok` must already be on its device and in eval mode.
+    `tok` must already be on its device and in eval mode. Rank 0 holds the lock on `opts.out`
+    until the manifest is written.
 
     Raises:
-        FileNotFoundError: missing input. ValueError: an empty input, or shards in `opts.out`
-            from a different run (without `overwrite`). RuntimeError: counts that do not add up.
+        FileNotFoundError: missing input. ValueError: an empty input, or `opts.out` is the input
+            folder. FolderInUseError: another run is writing into `opts.out`. FileExistsError:
+            `opts.out` holds files this run would overwrite but did not make (without `overwrite`).
+            RuntimeError: counts that do not add up.
     """
-    from tqdm.auto import tqdm
-
-    source = open_image_source(opts.data, split=opts.split, image_column=opts.image_column, label_column=opts.label_column)
-    num_inputs = len(source)
-    if num_inputs == 0:
-        raise ValueError(f"{opts.data!r} holds no input items")
     out = Path(opts.out).expanduser()
+    source = _open_source(opts, out)
     out.mkdir(parents=True, exist_ok=True)
-    run = _run_fingerprint(opts, info, source)
-    mine = shards_for_rank(plan_shards(num_inputs, opts.shard_size), rank, world_size)
+    with _locked(out, rank, world_size) as (lock, previous_run):
+        run = _run_fingerprint(opts, info, source)
+        run_digest = _digest(run)
+        records, pending, conflicts = _plan(out, source, opts, run, rank, world_size, own_files=previous_run == run_digest)
+        if rank == 0 and (conflict := _manifest_conflict(out, run_digest)):
+            conflicts.append(conflict)
+        all_conflicts = [c for cs in _gather(conflicts, world_size) for c in cs]
+        if all_conflicts and not opts.overwrite:
+            raise FileExistsError(
+                f"{out} holds files this run did not write: {all_conflicts[0]}"
+                + (f" (and {len(all_conflicts) - 1} more)" if len(all_conflicts) > 1 else "")
+                + "; use a new --out, or --overwrite to replace them"
+            )
+        if lock is not None:
+            lock.claim(run_digest)
+        return _code_and_collect(tok, info, opts, out, source, run, run_digest, records, pending, rank, world_size, progress)
 
+
+def _plan(
+    out: Path, source: Any, opts: TokenizeOptions, run: dict[str, Any], rank: int, world_size: int, *, own_files: bool
+) -> tuple[list[dict[str, Any]], list[tuple[ShardSpec, str | None]], list[str]]:
+    """This rank's finished shards (records), shards to write (with their input digest), and conflicts.
+
+    `own_files`: the folder was last claimed by this same run, so shard files without a record
+    are this run's, left by a crash between a shard's data and its record.
+    """
     records: list[dict[str, Any]] = []
-    pending: list[ShardSpec] = []
+    pending: list[tuple[ShardSpec, str | None]] = []
     conflicts: list[str] = []
-    for spec in mine:
-        record, conflict = is_complete(out, spec, run)
+    for spec in shards_for_rank(plan_shards(len(source), opts.shard_size), rank, world_size):
+        inputs = _shard_inputs(source, spec)
+        record, conflict = is_complete(out, spec, run, inputs)
         if record is not None:
             records.append(record)
-        else:
-            pending.append(spec)
-            if conflict:
-                conflicts.append(conflict)
-    all_conflicts = [c for cs in _gather(conflicts, world_size) for c in cs]
-    if all_conflicts and not opts.overwrite:
-        raise ValueError(
-            f"{out} holds shards from a different run: {all_conflicts[0]}"
-            + (f" (and {len(all_conflicts) - 1} more)" if len(all_conflicts) > 1 else "")
-            + "; use a new --out, or --overwrite to replace them"
-        )
-    reused = [r["index"] for r in records]
+            continue
+        pending.append((spec, inputs))
+        if conflict:
+            conflicts.append(conflict)
+        elif not own_files:
+            conflicts += _foreign_files(out, spec, opts)
+    return records, pending, conflicts
 
+
+def _code_and_collect(
+    tok: ViTVQTokenizer,
+    info: ModelInfo,
+    opts: TokenizeOptions,
+    out: Path,
+    source: Any,
+    run: dict[str, Any],
+    run_digest: str,
+    records: list[dict[str, Any]],
+    pending: list[tuple[ShardSpec, str | None]],
+    rank: int,
+    world_size: int,
+    progress: bool,
+) -> TokenizeResult:
+    """Code the pending shards, then gather every rank's records and (rank 0) write the manifest."""
+    from tqdm.auto import tqdm
+
+    reused = [r["index"] for r in records]
+    inputs_of = dict((spec.index, inputs) for spec, inputs in pending)
+    specs = [spec for spec, _ in pending]
     cfg = tok.config
     device = next(tok.parameters()).device
     dataset = ModelSizedImages(source, cfg.image_size, opts.resize)
-    plan = _batches(pending, opts.batch_size)
+    plan = _batches(specs, opts.batch_size)
     loader = DataLoader(  # only iterated when there is work: iterating starts the workers
         dataset,
         batch_sampler=[positions for _, positions, _ in plan],
@@ -207,7 +330,7 @@ def tokenize_dataset(
     dtype = smallest_uint_dtype(cfg.codebook_size)
     empty = np.zeros((0, cfg.grid_size, cfg.grid_size), dtype=dtype)
     acc: dict[str, Any] = {}
-    bar = tqdm(total=sum(s.stop - s.start for s in pending), unit="img", desc="tokenize", disable=not progress or rank != 0)
+    bar = tqdm(total=sum(s.stop - s.start for s in specs), unit="img", desc="tokenize", disable=not progress or rank != 0)
     for (spec, positions, last), batch in zip(plan, loader if plan else [], strict=True):
         if not acc:
             acc = {"codes": [], "indices": [], "labels": [], "keys": [], "skipped": [], "resized": 0}
@@ -232,11 +355,12 @@ def tokenize_dataset(
                     num_resized=acc["resized"],
                     fmt=opts.fmt,
                     run=run,
+                    inputs=inputs_of[spec.index],
                 )
             )
             acc = {}
     bar.close()
-    written = [s.index for s in pending]
+    written = [s.index for s in specs]
 
     gathered = _gather((records, written, reused), world_size)  # also the barrier before the manifest
     result = TokenizeResult(rank=rank, world_size=world_size, written=written, reused=reused)
@@ -247,7 +371,7 @@ def tokenize_dataset(
         result.manifest = build_manifest(
             all_records,
             info=info,
-            num_inputs=num_inputs,
+            num_inputs=len(source),
             codebook_size=cfg.codebook_size,
             image_size=cfg.image_size,
             grid=(cfg.grid_size, cfg.grid_size),
@@ -256,6 +380,7 @@ def tokenize_dataset(
             shard_size=opts.shard_size,
             world_size=world_size,
             data={k: run[k] for k in ("data", "split", "image_column", "label_column", "resize")},
+            run=run_digest,
         )
         write_manifest(out, result.manifest)
     if world_size > 1:
@@ -263,4 +388,4 @@ def tokenize_dataset(
     return result
 
 
-__all__ = ["TokenizeOptions", "TokenizeResult", "tokenize_dataset", "distributed", "BARRIER_TIMEOUT"]
+__all__ = ["TokenizeOptions", "TokenizeResult", "tokenize_dataset", "distributed", "BARRIER_TIMEOUT", "FolderInUseError"]
