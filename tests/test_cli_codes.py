@@ -64,9 +64,13 @@ def test_encode_decode_round_trip(capsys, tmp_path, photo_dir, tiny_tokenizer_di
     assert code == 0, err
     assert torch.equal(load_codes(tmp_path / "again.safetensors").codes, expected)
 
-    # decode without --model uses the recorded model; PNGs equal the API's decode, named after the inputs
+    # decode without --model uses the bundled model, never the one the file names: refused, nothing written
     out = tmp_path / "decoded"
-    code, _, err = run_cli(capsys, "decode", codes_path, "-o", out, "--num-workers", "0", "--device", "cpu")
+    code, _, err = run_cli(capsys, "decode", codes_path, "-o", out, *FAST)
+    assert code == 2 and "but vit_vq:default has config hash" in err and "--model-from-codes" in err
+    assert not out.exists()
+    # --model-from-codes uses the recorded model; PNGs equal the API's decode, named after the inputs
+    code, _, err = run_cli(capsys, "decode", codes_path, "-o", out, "--model-from-codes", *FAST)
     assert code == 0, err
     decoded = uint8(tok.decode(expected))
     for name, image in zip(loaded.names, decoded, strict=True):
@@ -129,7 +133,7 @@ def _bad_inputs(tmp_path, photo_dir, model):
         (["encode", text, "-o", out, "--model", model], "notes.png: not a readable image"),
         (["encode", photo_dir, "-o", out, "--model", no_weights], "has no model.safetensors"),
         (["encode", photo_dir, "-o", tmp_path / "c.bin", "--model", model], "must end in .safetensors"),
-        (["encode", photo_dir, "-o", out, "--model", tmp_path / "missing_model"], "no tokenizer folder at"),
+        (["encode", photo_dir, "-o", out, "--model", tmp_path / "missing_model"], "no such folder: .*missing_model"),
         (["reconstruct", photo_dir, "-o", tmp_path / "x.png", "--model", model], "names one PNG but several images"),
         (["decode", tmp_path / "missing.safetensors", "-o", tmp_path / "d", "--model", model], "no such codes file"),
         (["decode", model / "model.safetensors", "-o", tmp_path / "d", "--model", model], "not a vit_vq codes file"),
@@ -184,5 +188,5 @@ def test_decode_refuses_codes_from_other_weights(capsys, tmp_path, photo_dir, ti
     with torch.no_grad():
         tok.decoder.to_pixels.weight.mul_(-1)  # same architecture, different weights
     tok.save_pretrained(model)
-    code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "out")
+    code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "out", "--model", model)
     assert code == 2 and "weights changed since encoding" in err

@@ -119,3 +119,16 @@ def test_missing_vgg_weights_exit_2_and_say_how_to_fix(tmp_path, train_photo_dir
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--perceptual-weights-path" in err and "--perceptual-weight 0" in err
+
+
+def test_init_vit_vq_default_fine_tunes_the_bundled_model(tmp_path, train_photo_dir, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--init", "vit_vq:default", "--data", str(train_photo_dir), "--output", str(out), "--max-steps", "1",
+            "--batch-size", "2", "--lr", "1e-12", "--perceptual-weight", "0", *FAST]
+    assert main(argv) == 0, capsys.readouterr().err
+    tuned, base = ViTVQTokenizer.from_pretrained(out / "final"), ViTVQTokenizer.default()
+    assert tuned.config == base.config
+    for part in ("encoder", "decoder"):  # a learning rate of 1e-12 leaves the starting weights: the bundled ones
+        theirs = getattr(base, part).state_dict()
+        for key, value in getattr(tuned, part).state_dict().items():
+            torch.testing.assert_close(value, theirs[key], atol=1e-6, rtol=0, msg=f"{part}.{key}")

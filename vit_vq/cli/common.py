@@ -1,15 +1,17 @@
 """Pieces shared by the `encode`, `decode`, `reconstruct`, `tokenize` and `eval` subcommands.
 
 Model options (`--model`, `--revision`, `--device`, `--precision`, `--compile`), the
-resize policy, batch loading with a progress bar, and PNG writing.
+resize policy, batch loading with a progress bar, and output files that never replace a
+file the command did not make (`--overwrite` to allow it), written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +24,15 @@ from ..tokenizer import ViTVQTokenizer
 from .main import CLIError
 
 HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[\w.-]+)?")
+DEFAULT_MODEL = "vit_vq:default"  # the tokenizer bundled with the package (no download)
+MODEL_HELP = f"Hub id, local folder, or {DEFAULT_MODEL} (the bundled tokenizer, used when --model is left out)"
 
 
 # -- arguments ------------------------------------------------------------------------
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """`--model`, `--revision`, `--device`, `--precision`, `--compile`, `--batch-size`, `--num-workers`."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", "-m", default=None, help="Hub id or local folder of a tokenizer (default: the built-in one)")
+    g.add_argument("--model", "-m", default=None, help=MODEL_HELP)
     g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     g.add_argument(
@@ -56,7 +60,7 @@ def positive_int(text: str) -> int:
 
 # -- model ----------------------------------------------------------------------------
 def load_model(name: str | None, revision: str | None = None) -> ViTVQTokenizer:
-    """The tokenizer named by `--model`, or the built-in default when `name` is None.
+    """The tokenizer named by `--model` (a Hub id, a folder or `vit_vq:default`); the bundled one when None.
 
     Raises:
         CLIError: a Hub id that cannot be fetched.
@@ -66,7 +70,7 @@ def load_model(name: str | None, revision: str | None = None) -> ViTVQTokenizer:
         return ViTVQTokenizer.default()
     try:
         return load_tokenizer(name, revision=revision)
-    except (ValueError, TypeError):
+    except (FileNotFoundError, ValueError, TypeError):
         raise
     except Exception as err:  # Hub/network errors come in many types; one clear line for all
         if Path(name).expanduser().exists() or not HUB_ID.fullmatch(name):
@@ -78,9 +82,9 @@ def load_model(name: str | None, revision: str | None = None) -> ViTVQTokenizer:
 
 
 def model_id(name: str | None) -> str:
-    """What codes record as the model: a local folder's absolute path, a Hub id, or `default`."""
+    """What codes record as the model: a local folder's absolute path, a Hub id, or `vit_vq:default`."""
     if name is None:
-        return "default"
+        return DEFAULT_MODEL
     path = Path(name).expanduser()
     return str(path.resolve()) if path.is_dir() else name
 
@@ -115,20 +119,44 @@ def progress(iterable: Any, total: int, desc: str) -> Any:
     return tqdm(iterable, total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
 
 
+def input_images(paths: list[str], output_dir: Path | None = None) -> FileImages:
+    """The image files named by `paths` (files or folders), without the command's own outputs.
+
+    When `output_dir` lies inside an input folder, the images found under it (written by
+    an earlier run) are not read back as inputs; files named one by one are always kept.
+
+    Raises:
+        FileNotFoundError: a missing path. ValueError: no images. CLIError: only such outputs.
+    """
+    images = FileImages(paths)
+    if output_dir is None:
+        return images
+    out = output_dir.expanduser().resolve()
+    folders = [Path(p).expanduser().resolve() for p in paths if Path(p).expanduser().is_dir()]
+    if not any(out != d and out.is_relative_to(d) for d in folders):
+        return images
+    named = {Path(p).expanduser().resolve() for p in paths if not Path(p).expanduser().is_dir()}
+    keep = [i for i, f in enumerate(images.files) if f.resolve() in named or not f.resolve().is_relative_to(out)]
+    if not keep:
+        raise CLIError(f"every input image lies inside the output folder {str(output_dir)!r}; choose another output folder")
+    images.files = [images.files[i] for i in keep]
+    images.keys = [images.keys[i] for i in keep]
+    return images
+
+
 def strict_image_batches(
-    paths: list[str], tok: ViTVQTokenizer, args: argparse.Namespace, desc: str
+    images: FileImages, tok: ViTVQTokenizer, args: argparse.Namespace, desc: str
 ) -> Iterator[dict[str, Any]]:
-    """Batches of the named images (files or folders) at the model's resolution.
+    """Batches of `images` (see `input_images`) at the model's resolution.
 
     Every image must be readable (and of the model's size under `--resize none`).
     Prints the resize notice at the end.
 
     Raises:
         CLIError: an unreadable image, or a wrong-size one under `--resize none`.
-        FileNotFoundError: a missing path.
     """
     size = tok.config.image_size
-    dataset = ModelSizedImages(FileImages(paths), size, args.resize)
+    dataset = ModelSizedImages(images, size, args.resize)
     resized = 0
     bar = progress(None, len(dataset), desc)
     try:
@@ -147,20 +175,50 @@ def strict_image_batches(
         print(notice, file=sys.stderr)
 
 
-# -- images out -------------------------------------------------------------------------
+# -- files out ---------------------------------------------------------------------------
+def add_overwrite_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace files that already exist at the output paths (default: refuse before doing any work)",
+    )
+
+
+def refuse_existing(targets: Iterable[Path], overwrite: bool) -> None:
+    """Check every output path before any work: without `overwrite`, none may exist yet.
+
+    Raises:
+        CLIError: naming the first existing path, how many others exist, and `--overwrite`.
+    """
+    if overwrite:
+        return
+    existing = [t for t in targets if os.path.lexists(t)]
+    if existing:
+        others = f" (and {len(existing) - 1} more output paths that exist)" if len(existing) > 1 else ""
+        raise CLIError(
+            f"refusing to overwrite {str(existing[0])!r}{others}, which this command did not create; "
+            "pass --overwrite to replace it, or choose another output"
+        )
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """float `[..., 3, H, W]` in [0, 1] -> uint8 `[..., H, W, 3]` on the CPU (round to nearest)."""
     return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1).cpu()
 
 
-def save_png(image: torch.Tensor, path: str | Path) -> Path:
-    """Write float `[3, H, W]` in [0, 1] as an 8-bit RGB PNG (parent folders created)."""
+def save_png(image: torch.Tensor, path: str | Path, *, overwrite: bool = True) -> Path:
+    """Write float `[3, H, W]` in [0, 1] as an 8-bit RGB PNG, atomically (parent folders created).
+
+    Raises:
+        CLIError: `path` exists and `overwrite` is False (e.g. it appeared since `refuse_existing`).
+    """
     from PIL import Image
 
+    from ..pipeline.codes import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8(image).numpy()).save(path, format="PNG")
-    return path
+    refuse_existing([path], overwrite)
+    array = to_uint8(image).numpy()
+    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def image_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
@@ -199,10 +257,14 @@ __all__ = [
     "add_resize_arg",
     "load_model",
     "model_id",
+    "DEFAULT_MODEL",
     "setup_model",
     "loader",
     "progress",
+    "input_images",
     "strict_image_batches",
+    "add_overwrite_arg",
+    "refuse_existing",
     "to_uint8",
     "save_png",
     "image_grid",

@@ -1,7 +1,11 @@
 """`vit-vq decode codes.safetensors -o DIR`: a codes file -> one PNG per image.
 
-Without `--model`, the model recorded in the codes file is used. Codes are decoded only
-by a tokenizer with the same config hash as the one that made them.
+The model is the one the user names with `--model` (the bundled `vit_vq:default` when left
+out); the model id and revision recorded in the codes file are used only with
+`--model-from-codes`, so a codes file never makes the command fetch a repository on its
+own. Codes are decoded only by a tokenizer with the same config hash and the same decoder
+weights as the one that made them (the precision may differ). No existing file is
+replaced unless `--overwrite` is given; that is checked before anything is decoded.
 """
 
 from __future__ import annotations
@@ -10,9 +14,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..pipeline.codes import load_codes
-from .common import add_model_args, device_of, output_names, progress, save_png, setup_model
+from ..pipeline.codes import CodesFile, load_codes
+from .common import (
+    DEFAULT_MODEL,
+    add_model_args,
+    add_overwrite_arg,
+    device_of,
+    output_names,
+    progress,
+    refuse_existing,
+    save_png,
+    setup_model,
+)
 from .main import CLIError
+
+UNNAMED_MODELS = ("<in-memory>",)  # recorded when codes came from a tokenizer object, not a name
+OLD_DEFAULT_ID = "default"  # what codes files recorded for the bundled model before it had a name
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -22,40 +39,61 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("codes", metavar="CODES", help="a .safetensors codes file from `vit-vq encode`")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the PNG images")
+    p.add_argument(
+        "--model-from-codes", action="store_true",
+        help="decode with the model id and revision recorded in the codes file (may download it) instead of --model",
+    )
+    add_overwrite_arg(p)
     add_model_args(p)
     p.set_defaults(func=run)
 
 
+def recorded_model(codes: CodesFile, path: str) -> str:
+    """The model name a codes file records, as `--model` would take it.
+
+    Raises:
+        CLIError: the file names no loadable model.
+    """
+    name = codes.model.model_id
+    if name in UNNAMED_MODELS:
+        raise CLIError(f"{path} records no loadable model (made by a tokenizer object in Python); pass --model")
+    return DEFAULT_MODEL if name == OLD_DEFAULT_ID else name
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.model_from_codes and args.model is not None:
+        raise CLIError("give either --model or --model-from-codes, not both")
     codes = load_codes(args.codes)
     out = Path(args.output).expanduser()
     if out.exists() and not out.is_dir():
         raise CLIError(f"-o {args.output} is a file; name a folder for the decoded images")
+    paths = output_names(codes.names)
+    refuse_existing([out / rel for rel in paths], args.overwrite)
     name = args.model
-    if name is None and codes.model.model_id not in ("default", "<in-memory>"):
-        name = codes.model.model_id
+    if args.model_from_codes:
+        name = recorded_model(codes, args.codes)
         if args.revision is None:
             args.revision = codes.model.revision  # the commit that made the codes
         print(f"using the model recorded in {args.codes}: {name}", file=sys.stderr)
     tok, info = setup_model(args, name)
     if info.config_hash != codes.model.config_hash:
         raise CLIError(
-            f"{args.codes} was made by a tokenizer with config hash {codes.model.config_hash} "
-            f"({codes.model.model_id}), but {info.model_id} has config hash {info.config_hash}; "
-            "decode with the model that encoded them"
+            f"{args.codes} was made by {codes.model.model_id} (config hash {codes.model.config_hash}), but "
+            f"{info.model_id} has config hash {info.config_hash}; decode with the model that encoded them "
+            "(--model NAME, or --model-from-codes)"
         )
     if codes.model.decoder_hash and info.decoder_hash != codes.model.decoder_hash:
         raise CLIError(
-            f"{args.codes} was made with decoder weights {codes.model.decoder_hash}, but {info.model_id} now has "
-            f"{info.decoder_hash}: the weights changed since encoding; decode with the model that encoded them"
+            f"{args.codes} was made with decoder weights {codes.model.decoder_hash}, but {info.model_id} has "
+            f"decoder weights {info.decoder_hash}: the weights changed since encoding; decode with the model that "
+            "encoded them"
         )
     device = device_of(tok)
-    paths = output_names(codes.names)
     bar = progress(None, len(paths), "decode")
     for start in range(0, len(paths), args.batch_size):
         images = tok.decode(codes.codes[start : start + args.batch_size].to(device))  # (b, 3, S, S)
         for img, rel in zip(images, paths[start : start + args.batch_size], strict=True):
-            save_png(img, out / rel)
+            save_png(img, out / rel, overwrite=args.overwrite)
         bar.update(len(images))
     bar.close()
     print(f"wrote {len(paths)} images to {out}", file=sys.stderr)

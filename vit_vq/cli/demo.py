@@ -2,7 +2,8 @@
 
 With no `--model` it uses the tokenizer that ships inside the package (no download).
 It prints PSNR and SSIM per photo, the codebook usage and tokens per image, and writes
-one PNG grid: a row per photo, original on the left and reconstruction on the right.
+one PNG grid: a row per photo, original on the left and reconstruction on the right. An
+existing file at `-o` is replaced only with `--overwrite` (checked before any work).
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from ..default_model import load_default, sample_photos
+from ..default_model import sample_photos
 from ..metrics import psnr, ssim
 from ..pipeline.runtime import pick_device
 from ..tokenizer import ViTVQTokenizer
-from .common import image_grid, load_model, save_png
+from .common import MODEL_HELP, add_overwrite_arg, image_grid, load_model, refuse_existing, save_png
 from .main import CLIError
 
 
@@ -27,8 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "print PSNR, SSIM, codebook usage and tokens per image, and write one PNG grid "
         "(original | reconstruction per row).",
     )
-    p.add_argument("--model", "-m", default=None, help="Hub id or local folder of a tokenizer (default: the built-in one)")
+    p.add_argument("--model", "-m", default=None, help=MODEL_HELP)
     p.add_argument("-o", "--output", default="demo.png", help="the PNG grid to write (default: demo.png)")
+    add_overwrite_arg(p)
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
     p.set_defaults(func=run)
 
@@ -49,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output).expanduser()
     if output.suffix.lower() != ".png":
         raise CLIError(f"-o {args.output}: the demo writes one PNG grid; give a path ending in .png")
+    refuse_existing([output], args.overwrite)
     device = pick_device(args.device)
-    tok: ViTVQTokenizer = load_default() if args.model is None else load_model(args.model)
+    tok: ViTVQTokenizer = load_model(args.model)
     tok = tok.to(device).eval()
     cfg = tok.config
     names, sizes, images = load_photos(sample_photos())
@@ -82,6 +85,6 @@ def run(args: argparse.Namespace) -> int:
     grid = image_grid(rows, pad=4)
     if scale > 1:
         grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-    save_png(grid, output)
+    save_png(grid, output, overwrite=args.overwrite)
     print(f"wrote {output}: {len(rows)} rows, original (left) | reconstruction (right)")
     return 0

@@ -2,7 +2,8 @@
 
 The codes file holds the code grids with the image names, the grid shape, the model id,
 revision and config hash, and the lookup backend and precision (see
-`vit_vq.pipeline.codes`). `vit-vq decode` turns it back into images.
+`vit_vq.pipeline.codes`). `vit-vq decode` turns it back into images. An existing file at
+`-o` is replaced only with `--overwrite` (checked before any work).
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ from pathlib import Path
 import torch
 
 from ..pipeline.codes import save_codes
-from .common import add_model_args, add_resize_arg, device_of, setup_model, strict_image_batches
+from .common import (
+    add_model_args,
+    add_overwrite_arg,
+    add_resize_arg,
+    device_of,
+    input_images,
+    refuse_existing,
+    setup_model,
+    strict_image_batches,
+)
 from .main import CLIError
 
 
@@ -25,6 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("inputs", nargs="+", metavar="IMGS_OR_DIR", help="image files and/or folders (searched recursively)")
     p.add_argument("-o", "--output", required=True, help="the codes file to write (.safetensors)")
+    add_overwrite_arg(p)
     add_model_args(p)
     add_resize_arg(p)
     p.set_defaults(func=run)
@@ -36,10 +47,12 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"-o {args.output}: the codes file must end in .safetensors")
     if out.is_dir():
         raise CLIError(f"-o {args.output} is a folder; name a .safetensors file")
+    refuse_existing([out], args.overwrite)
+    images = input_images(args.inputs)
     tok, info = setup_model(args)
     device = device_of(tok)
     codes, names = [], []
-    for batch in strict_image_batches(args.inputs, tok, args, desc="encode"):
+    for batch in strict_image_batches(images, tok, args, desc="encode"):
         codes.append(tok.encode(batch["pixels"].to(device, non_blocking=True)).cpu())  # (b, h, w)
         names += batch["keys"]
     all_codes = torch.cat(codes)  # (N, h, w)

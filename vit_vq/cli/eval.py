@@ -9,13 +9,13 @@ Reports, over every readable image at the model's resolution (in [0, 1]):
 - `lpips` and `rfid`, only when their network weights are available locally.
 
 `--json` writes exactly those keys (the optional two only when computed). A PNG grid of
-originals above their reconstructions is written too.
+originals above their reconstructions is written too. Neither output replaces an existing
+file unless `--overwrite` is given (checked before any work).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,9 +35,22 @@ from ..metrics import (
     psnr,
     ssim,
 )
+from ..pipeline.codes import atomic_write_json
 from ..pipeline.runtime import synchronize
 from ..pipeline.sources import ModelSizedImages, resize_notice
-from .common import add_model_args, add_resize_arg, device_of, image_grid, loader, positive_int, progress, save_png, setup_model
+from .common import (
+    add_model_args,
+    add_overwrite_arg,
+    add_resize_arg,
+    device_of,
+    image_grid,
+    loader,
+    positive_int,
+    progress,
+    refuse_existing,
+    save_png,
+    setup_model,
+)
 from .main import CLIError
 
 FID_MIN_IMAGES = 10_000  # below this, FID is noticeably biased upward
@@ -57,6 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image-column", default="image", help="`datasets` image column (default image)")
     p.add_argument("--inception-weights", default=None, metavar="FILE", help="torchvision Inception-v3 weights for rFID")
     p.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex", help="LPIPS backbone (default alex)")
+    add_overwrite_arg(p)
     add_model_args(p)
     add_resize_arg(p)
     p.set_defaults(func=run)
@@ -81,7 +95,18 @@ def _throughput(timings: list[tuple[int, float]]) -> float:
     return sum(n for n, _ in steady) / seconds if seconds > 0 else float("nan")
 
 
+def output_paths(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The grid PNG (`--grid`, else beside `--json`, else ./eval_grid.png) and the JSON report."""
+    report = Path(args.json).expanduser() if args.json else None
+    grid = Path(args.grid).expanduser() if args.grid else (report.with_suffix(".png") if report else Path("eval_grid.png"))
+    return grid, report
+
+
 def run(args: argparse.Namespace) -> int:
+    grid_path, report = output_paths(args)
+    if grid_path == report:
+        raise CLIError(f"--grid and --json name the same file {str(report)!r}")
+    refuse_existing([p for p in (grid_path, report) if p is not None], args.overwrite)
     tok, info = setup_model(args)
     device = device_of(tok)
     cfg = tok.config
@@ -149,11 +174,10 @@ def run(args: argparse.Namespace) -> int:
             if real_stats.n < FID_MIN_IMAGES:
                 print(f"rfid: only {real_stats.n} images; FID is biased upward below ~{FID_MIN_IMAGES}", file=sys.stderr)
 
-    grid_path = Path(args.grid) if args.grid else (Path(args.json).with_suffix(".png") if args.json else Path("eval_grid.png"))
-    _write_grid(torch.cat(originals), torch.cat(recons), min(8, args.grid_images), grid_path)
-    if args.json:
-        Path(args.json).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).expanduser().write_text(json.dumps(metrics, indent=2) + "\n")
+    _write_grid(torch.cat(originals), torch.cat(recons), min(8, args.grid_images), grid_path, args.overwrite)
+    if report is not None:
+        refuse_existing([report], args.overwrite)
+        atomic_write_json(report, metrics)
 
     notice = resize_notice(resized, psnr_acc.count, cfg.image_size)
     if notice:
@@ -166,10 +190,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_grid(originals: torch.Tensor, recons: torch.Tensor, per_row: int, path: Path) -> None:
+def _write_grid(originals: torch.Tensor, recons: torch.Tensor, per_row: int, path: Path, overwrite: bool) -> None:
     """Rows of `per_row` originals, each above the row of their reconstructions."""
     rows = [t[i : i + per_row] for i in range(0, len(originals), per_row) for t in (originals, recons)]
-    save_png(image_grid(rows), path)
+    save_png(image_grid(rows), path, overwrite=overwrite)
 
 
 def _print_table(metrics: dict[str, Any]) -> None:

@@ -2,7 +2,9 @@
 
 With one image and `-o name.png` the PNG is written there; otherwise `OUT` is a folder
 holding one PNG per input. The left half is the input at the model's resolution, the
-right half its reconstruction; PSNR (dB) compares the two in [0, 1].
+right half its reconstruction; PSNR (dB) compares the two in [0, 1]. No existing file is
+replaced unless `--overwrite` is given (checked before any work), and when `OUT` lies inside
+an input folder, the PNGs found there are not read back as inputs.
 """
 
 from __future__ import annotations
@@ -14,8 +16,18 @@ from pathlib import Path
 import torch
 
 from ..metrics import psnr
-from ..pipeline.sources import FileImages
-from .common import add_model_args, add_resize_arg, device_of, output_names, save_png, setup_model, strict_image_batches
+from .common import (
+    add_model_args,
+    add_overwrite_arg,
+    add_resize_arg,
+    device_of,
+    input_images,
+    output_names,
+    refuse_existing,
+    save_png,
+    setup_model,
+    strict_image_batches,
+)
 from .main import CLIError
 
 
@@ -26,6 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("inputs", nargs="+", metavar="IMG", help="image files and/or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="a .png file (one input) or a folder")
+    add_overwrite_arg(p)
     add_model_args(p)
     add_resize_arg(p)
     p.set_defaults(func=run)
@@ -36,18 +49,20 @@ def run(args: argparse.Namespace) -> int:
     single_file = out.suffix.lower() == ".png"
     if single_file and (len(args.inputs) != 1 or Path(args.inputs[0]).is_dir()):
         raise CLIError(f"-o {args.output} names one PNG but several images were given; pass a folder to -o")
+    images = input_images(args.inputs, output_dir=None if single_file else out)
+    all_targets = [out] if single_file else [out / p for p in output_names(images.keys)]
+    refuse_existing(all_targets, args.overwrite)
     tok, _ = setup_model(args)
     device = device_of(tok)
-    all_targets = [out] if single_file else [out / p for p in output_names(FileImages(args.inputs).keys)]
     scores: list[tuple[str, float]] = []
-    for batch in strict_image_batches(args.inputs, tok, args, desc="reconstruct"):
+    for batch in strict_image_batches(images, tok, args, desc="reconstruct"):
         x = batch["pixels"].to(device)  # (b, 3, S, S)
         recon = tok.decode(tok.encode(x)).float()  # (b, 3, S, S)
         values = psnr(recon, x.float()).tolist()
         pairs = torch.cat([x.float(), recon], dim=3)  # (b, 3, S, 2S): original | reconstruction
         targets = all_targets[len(scores) : len(scores) + len(values)]
         for pair, target, key, value in zip(pairs, targets, batch["keys"], values, strict=True):
-            save_png(pair, target)
+            save_png(pair, target, overwrite=args.overwrite)
             scores.append((key, value))
             print(f"{key}: PSNR {value:.2f} dB -> {target}")
     if len(scores) > 1:

@@ -30,7 +30,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="train", help="`datasets` split (default train)")
     p.add_argument("--image-column", default="image", help="`datasets` image column (default image)")
     p.add_argument("--label-column", default=None, help="`datasets` label column to store beside the codes")
-    p.add_argument("--overwrite", action="store_true", help="replace shards made by a different run instead of refusing")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace files in --out that this run did not make (another run's shards or manifest) instead of refusing",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_args(p)
     add_resize_arg(p)

@@ -83,19 +83,24 @@ def resolve_resume(output: str | Path, resume: str) -> Path | None:
 
     Raises:
         FileNotFoundError: a named folder that is not a complete checkpoint.
-        ValueError: a folder outside `<output>/checkpoints`: trainer state contains pickled
-            optimizer and RNG files and is read only from the run's own output folder.
+        ValueError: a folder that resolves outside `<output>/checkpoints` (named, or the latest
+            one being a symlink): trainer state contains pickled optimizer and RNG files and is
+            read only from the run's own output folder.
     """
     if resume == "latest":
         found = list_checkpoints(output)
-        return found[-1][1] if found else None
-    path = Path(resume).expanduser()
-    if not path.exists() and (checkpoints_dir(output) / resume).exists():
-        path = checkpoints_dir(output) / resume  # a bare folder name such as checkpoint-200
+        if not found:
+            return None
+        path = found[-1][1]  # may be a symlink: checked below like a named folder
+    else:
+        path = Path(resume).expanduser()
+        if not path.exists() and (checkpoints_dir(output) / resume).exists():
+            path = checkpoints_dir(output) / resume  # a bare folder name such as checkpoint-200
     root = checkpoints_dir(output).resolve()
     if not path.resolve().is_relative_to(root):
+        link = f" (a link to {str(path.resolve())!r})" if path.is_symlink() else ""
         raise ValueError(
-            f"refusing to resume from {str(path)!r}: trainer state (pickled optimizer and RNG files) is read only "
+            f"refusing to resume from {str(path)!r}{link}: trainer state (pickled optimizer and RNG files) is read only "
             f"from this run's own folder {str(root)!r}; copy a checkpoint you trust there, or use --init to "
             "fine-tune from exported weights"
         )

@@ -31,8 +31,9 @@ class TrainConfig:
     """Settings of one training or fine-tuning run.
 
     The model comes from exactly one of `preset` (train from scratch), `init` (fine-tune a
-    saved tokenizer: Hub id or folder) or `init_vit` (a new tokenizer whose encoder starts from
-    a Hugging Face ViT; `preset` then gives the rest of the architecture, `seed` if unset).
+    saved tokenizer: Hub id, folder, or `vit_vq:default` for the bundled one) or `init_vit`
+    (a new tokenizer whose encoder starts from a Hugging Face ViT; `preset` then gives the
+    rest of the architecture, `seed` if unset).
 
     Raises:
         ValueError: for an unknown preset/option, a negative weight, a non-positive count, or
@@ -41,7 +42,9 @@ class TrainConfig:
 
     # -- model ---------------------------------------------------------------------------
     preset: str | None = _f(None, f"model preset to train from scratch: one of {sorted(PRESETS)}")
-    init: str | None = _f(None, "fine-tune this tokenizer (Hub id or folder written by save_pretrained)")
+    init: str | None = _f(
+        None, "fine-tune this tokenizer: a Hub id, a folder written by save_pretrained, or vit_vq:default (the bundled one)"
+    )
     init_vit: str | None = _f(None, "start the encoder from this Hugging Face ViT (Hub id or folder)")
     model_overrides: dict[str, Any] = _f({}, "ViTVQConfig fields to change from the preset, e.g. codebook_size=4096")
     # -- data ----------------------------------------------------------------------------
@@ -181,7 +184,8 @@ class TrainConfig:
         """Read a YAML (or JSON) mapping of fields, then apply `overrides`.
 
         Raises:
-            FileNotFoundError: no such file. ValueError: not a mapping, or unknown keys.
+            FileNotFoundError: no such file. ValueError: not YAML (or nested too deeply), not a mapping,
+                or unknown keys.
         """
         import yaml
 
@@ -192,6 +196,8 @@ class TrainConfig:
             mapping = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"{path} is not valid YAML: {err}") from err
+        except RecursionError:
+            raise ValueError(f"{path} is nested too deeply to be a file of training settings") from None
         if not isinstance(mapping, dict):
             raise ValueError(f"{path} must hold a mapping of training settings, got {type(mapping).__name__}")
         return cls.from_dict(mapping, **overrides)

@@ -1,0 +1,154 @@
+"""Codes that travel: any precision decodes at any other, changed weights are refused with both
+hashes, `decode` uses the model the user names, and the bundled model is `vit_vq:default`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vit_vq import ViTVQTokenizer
+from vit_vq.cli.main import main
+from vit_vq.data import list_images, load_image
+from vit_vq.pipeline.codes import load_codes
+
+FAST = ["--num-workers", "0", "--device", "cpu"]
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([*map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def png(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def uint8(images: torch.Tensor) -> np.ndarray:
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def test_bf16_codes_decode_at_fp32(capsys, tmp_path, photo_dir, tiny_tokenizer_dir):
+    codes_path = tmp_path / "bf16.safetensors"
+    code, _, err = run_cli(capsys, "encode", photo_dir, "-o", codes_path, "--model", tiny_tokenizer_dir,
+                           "--precision", "bf16", *FAST)
+    assert code == 0, err
+    codes = load_codes(codes_path)
+    assert codes.model.precision == "bf16"
+
+    out = tmp_path / "decoded"
+    code, _, err = run_cli(capsys, "decode", codes_path, "-o", out, "--model", tiny_tokenizer_dir, "--precision", "fp32", *FAST)
+    assert code == 0, err
+    expected = uint8(ViTVQTokenizer.from_pretrained(tiny_tokenizer_dir).decode(codes.codes))  # fp32, in Python
+    for name, image in zip(codes.names, expected, strict=True):
+        np.testing.assert_array_equal(png((out / name).with_suffix(".png")), image)
+
+    fp32_path = tmp_path / "fp32.safetensors"  # the same weights at fp32 record the same decoder hash
+    assert run_cli(capsys, "encode", photo_dir, "-o", fp32_path, "--model", tiny_tokenizer_dir, *FAST)[0] == 0
+    assert load_codes(fp32_path).model.decoder_hash == codes.model.decoder_hash
+
+
+def test_codes_from_changed_weights_are_refused_naming_both_hashes(capsys, tmp_path, photo_dir, tiny_tokenizer_dir):
+    from vit_vq.pipeline.runtime import decoder_hash
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_tokenizer_dir, model)
+    codes_path = tmp_path / "codes.safetensors"
+    assert run_cli(capsys, "encode", photo_dir, "-o", codes_path, "--model", model, "--precision", "bf16", *FAST)[0] == 0
+    tok = ViTVQTokenizer.from_pretrained(model)
+    with torch.no_grad():
+        tok.decoder.to_pixels.weight.mul_(-1)  # same architecture, different weights
+    tok.save_pretrained(model)
+    old, new = load_codes(codes_path).model.decoder_hash, decoder_hash(ViTVQTokenizer.from_pretrained(model))
+    assert old and new and old != new
+
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "decode", codes_path, "-o", out, "--model", model, "--precision", "fp32", *FAST)
+    line = error_line(err)
+    assert code == 2 and old in line and new in line and "weights changed" in line
+    assert not out.exists()
+
+
+def test_decode_uses_the_named_model_and_the_recorded_one_only_when_asked(capsys, tmp_path, photo_dir, tiny_tokenizer_dir):
+    codes_path = tmp_path / "codes.safetensors"
+    assert run_cli(capsys, "encode", photo_dir, "-o", codes_path, "--model", tiny_tokenizer_dir, *FAST)[0] == 0
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "decode", codes_path, "-o", out, *FAST)  # no --model: the bundled one
+    line = error_line(err)
+    assert code == 2 and "vit_vq:default has config hash" in line and "--model-from-codes" in line
+    assert "using the model recorded" not in err
+
+    code, _, err = run_cli(capsys, "decode", codes_path, "-o", out, "--model", tiny_tokenizer_dir, "--model-from-codes", *FAST)
+    assert code == 2 and "not both" in error_line(err)
+
+    code, _, err = run_cli(capsys, "decode", codes_path, "-o", out, "--model-from-codes", *FAST)
+    assert code == 0, err
+    assert f"using the model recorded in {codes_path}: {tiny_tokenizer_dir.resolve()}" in err
+    assert len(list(out.rglob("*.png"))) == 6
+
+
+def test_a_codes_file_from_before_the_name_decodes_with_the_bundled_model(tmp_path):
+    from vit_vq.cli.decode import recorded_model
+    from vit_vq.pipeline.codes import CodesFile
+    from vit_vq.pipeline.runtime import ModelInfo
+
+    def made_by(model_id: str) -> CodesFile:
+        info = ModelInfo(model_id, None, "0" * 16, "torch", "exact", "fp32")
+        return CodesFile(torch.zeros(1, 2, 2, dtype=torch.int64), ["a.png"], 4, 8, info, "0.1.0")
+
+    assert recorded_model(made_by("default"), "c.safetensors") == "vit_vq:default"
+    assert recorded_model(made_by("org/name"), "c.safetensors") == "org/name"
+    with pytest.raises(Exception, match="records no loadable model.*pass --model"):
+        recorded_model(made_by("<in-memory>"), "c.safetensors")
+
+
+def test_vit_vq_default_names_the_bundled_model_for_encode_and_decode(capsys, tmp_path, photo_dir):
+    files = list_images(photo_dir)[:3]
+    codes_path = tmp_path / "codes.safetensors"
+    code, _, err = run_cli(capsys, "encode", *files, "-o", codes_path, "--model", "vit_vq:default", *FAST)
+    assert code == 0, err
+    codes = load_codes(codes_path)
+    tok = ViTVQTokenizer.default()
+    expected = tok.encode(tok.preprocess([load_image(f) for f in files]))
+    assert torch.equal(codes.codes, expected)
+    assert codes.model.model_id == "vit_vq:default"
+
+    left_out = tmp_path / "encoded_without_model.safetensors"  # --model left out: the same model, the same record
+    assert run_cli(capsys, "encode", *files, "-o", left_out, *FAST)[0] == 0
+    assert torch.equal(load_codes(left_out).codes, expected) and load_codes(left_out).model.model_id == "vit_vq:default"
+
+    decoded = uint8(tok.decode(expected))
+    for extra in (["--model", "vit_vq:default"], ["--model-from-codes"], []):
+        out = tmp_path / f"out{len(extra)}{extra[:1]}"
+        code, _, err = run_cli(capsys, "decode", codes_path, "-o", out, *extra, *FAST)
+        assert code == 0, (extra, err)
+        for name, image in zip(codes.names, decoded, strict=True):
+            np.testing.assert_array_equal(png((out / name).with_suffix(".png")), image)
+
+
+def test_float_codes_are_refused_not_truncated(capsys, tmp_path, photo_dir, tiny_tokenizer_dir):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    good = tmp_path / "codes.safetensors"
+    assert run_cli(capsys, "encode", photo_dir, "-o", good, "--model", tiny_tokenizer_dir, *FAST)[0] == 0
+    with safe_open(str(good), framework="np") as f:
+        meta, array = f.metadata(), f.get_tensor("codes")
+    bad = tmp_path / "float.safetensors"
+    save_file({"codes": array.astype(np.float32) + 0.7}, str(bad), metadata=meta)  # 3.7 must not become code 3
+    assert json.loads(meta["names"])  # the file is a codes file in every other respect
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "decode", bad, "-o", out, "--model", tiny_tokenizer_dir, *FAST)
+    assert code == 2 and "integers" in error_line(err) and "float32" in error_line(err)
+    assert not out.exists()
