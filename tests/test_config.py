@@ -71,3 +71,35 @@ def test_nan_settings_are_rejected(field):
 def test_only_rgb_is_supported():
     with pytest.raises(ValueError, match="in_channels must be 3"):
         ViTVQConfig(in_channels=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(encoder_depth=257), r"encoder_depth must be <= 256 \(vit_vq\.config\.MAX_SIZES\), got 257"),
+        (dict(decoder_width=16392, decoder_heads=12), r"decoder_width must be <= 16384 \(vit_vq\.config\.MAX_SIZES\), got 16392"),
+        (dict(codebook_size=2**22 + 1), r"codebook_size must be <= 4194304"),
+        (dict(kmeans_iters=10**6), r"kmeans_iters must be <= 1000"),
+        (dict(image_size=8192, patch_size=32), r"image_size must be <= 4096"),
+        (dict(image_size=2048, patch_size=4), r"image_size // patch_size must be <= 256 tokens per side"),
+        (dict(encoder_cls_token=1), r"encoder_cls_token must be true or false, got 1"),
+    ],
+)
+def test_upper_bounds_and_types_name_the_limit(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ViTVQConfig(**kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_sit_inside_the_bounds(name):
+    from vit_vq.config import MAX_CODEBOOK_ELEMENTS, MAX_SIZES
+
+    cfg = ViTVQConfig.from_preset(name)
+    assert all(getattr(cfg, field) <= limit for field, limit in MAX_SIZES.items())
+    assert cfg.codebook_size * cfg.codebook_dim <= MAX_CODEBOOK_ELEMENTS
+
+
+@pytest.mark.parametrize("version", ["1", True, 0, -7, 1.0])
+def test_format_version_must_be_a_positive_int(version):
+    with pytest.raises(ValueError, match=r"format_version must be a positive integer, got"):
+        ViTVQConfig.from_dict({**ViTVQConfig().to_dict(), "format_version": version})

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import vit_vq.hub as vhub
+import vit_vq.saving as vsaving
 from vit_vq import ViTVQConfig, ViTVQTokenizer
 
 
@@ -52,12 +53,12 @@ def test_save_is_atomic_a_crash_leaves_the_old_model_whole(tok, tmp_path, monkey
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-save")
 
-    monkeypatch.setattr(vhub, "_swap_in", crash)
+    monkeypatch.setattr(vsaving, "_swap_in", crash)
     with pytest.raises(KeyboardInterrupt):
         other.save_pretrained(folder)
     assert (folder / "model.safetensors").read_bytes() == old_weights
     assert (folder / "config.json").read_text() == old_config
-    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "model"]  # no temp folder left behind
     monkeypatch.undo()
     other.save_pretrained(folder)
     assert ViTVQTokenizer.from_pretrained(folder).config.codebook_size == 512
@@ -65,9 +66,9 @@ def test_save_is_atomic_a_crash_leaves_the_old_model_whole(tok, tmp_path, monkey
 
 
 def test_missing_local_path_raises_file_not_found(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no tokenizer folder at"):
+    with pytest.raises(FileNotFoundError, match="no such folder: '.*nope'"):
         ViTVQTokenizer.from_pretrained(str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match="no tokenizer folder"):
+    with pytest.raises(FileNotFoundError, match="no such folder: './relative/missing'"):
         ViTVQTokenizer.from_pretrained("./relative/missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="has no config.json"):
@@ -95,11 +96,16 @@ def test_config_that_does_not_match_the_weights_names_the_keys(tok, tmp_path):
         ViTVQTokenizer.from_pretrained(tmp_path / "m")
     cfg["codebook_size"], cfg["encoder_depth"] = 256, 3
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"missing keys \['encoder\.transformer\.blocks\.2\."):
+    with pytest.raises(ValueError, match=r"encoder_depth=3 but the weights hold 2 blocks under encoder\.transformer\.blocks\.\*"):
         ViTVQTokenizer.from_pretrained(tmp_path / "m")
     cfg["encoder_depth"] = 1
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"unexpected keys \['encoder\.transformer\.blocks\.1\."):
+    with pytest.raises(ValueError, match=r"encoder_depth=1 but the weights hold 2 blocks"):
+        ViTVQTokenizer.from_pretrained(tmp_path / "m")
+    cfg["encoder_depth"], cfg["mlp_ratio"] = 2, 2.0
+    cfg_path.write_text(json.dumps(cfg))
+    fc1 = r"decoder\.transformer\.blocks\.0\.mlp\.fc1\.bias: file \(256,\) vs config \(128,\)"
+    with pytest.raises(ValueError, match=rf"shape mismatches \[{fc1}"):
         ViTVQTokenizer.from_pretrained(tmp_path / "m")
 
 
@@ -131,7 +137,8 @@ def test_from_pretrained_resolves_a_repo_id_through_the_offline_hub_cache(tok, t
     for kwargs in ({}, {"cache_dir": cache}, {"cache_dir": cache, "local_files_only": True}):
         loaded = ViTVQTokenizer.from_pretrained("some-org/some-name", **kwargs)
         assert torch.equal(loaded.encode(x), tok.encode(x))
-    with pytest.raises(Exception, match="(?i)offline|cannot find|not found|LocalEntryNotFound"):
+    missing = r"config\.json of Hub repo 'some-org/other-name' \(revision 'main'\) is not in the local"
+    with pytest.raises(FileNotFoundError, match=missing):
         ViTVQTokenizer.from_pretrained("some-org/other-name", cache_dir=cache)
 
 
@@ -207,7 +214,7 @@ def test_push_to_hub_uploads_the_saved_folder_over_http(tok, tmp_path, monkeypat
 def test_a_path_object_is_always_local(tmp_path):
     from pathlib import Path
 
-    with pytest.raises(FileNotFoundError, match="no tokenizer folder"):
+    with pytest.raises(FileNotFoundError, match="no such folder: 'ckpt/run1'"):
         ViTVQTokenizer.from_pretrained(Path("ckpt/run1"))
 
 
@@ -237,3 +244,91 @@ def test_saved_files_follow_the_umask(tok, tmp_path):
         os.umask(umask)
     for name in ("config.json", "model.safetensors", "README.md"):
         assert stat.S_IMODE((tmp_path / "m" / name).stat().st_mode) == 0o644, name
+
+
+class _MissingHub(BaseHTTPRequestHandler):
+    """A Hub that knows no repo (`RepoNotFound`), or a repo without the file (`EntryNotFound`)."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        code = "EntryNotFound" if "/has-no-files/" in self.path else "RepoNotFound"
+        self.send_response(404)
+        self.send_header("X-Error-Code", code)
+        self.send_header("X-Error-Message", f"{code} (fake hub)")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+
+@pytest.mark.parametrize(
+    "repo_id, match",
+    [
+        ("some-org/not-there",
+         r"Hub repo 'some-org/not-there' not found \(or private: pass token=\.\.\.\); "
+         r"for a local folder write './some-org/not-there'"),
+        ("some-org/has-no-files", r"Hub repo 'some-org/has-no-files' \(revision 'main'\) has no config\.json"),
+    ],
+)
+def test_a_missing_hub_repo_or_file_is_named(tmp_path, monkeypatch, repo_id, match):
+    import huggingface_hub.constants as hc
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _MissingHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setattr(hc, "ENDPOINT", base)
+        monkeypatch.setattr(hc, "HUGGINGFACE_CO_URL_TEMPLATE", base + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+        with pytest.raises(FileNotFoundError, match=match):
+            ViTVQTokenizer.from_pretrained(repo_id, cache_dir=tmp_path / "cache")
+    finally:
+        server.shutdown()
+
+
+def test_vit_vq_default_names_the_bundled_model_without_any_hub_call(monkeypatch):
+    import huggingface_hub
+
+    from vit_vq.default_model import default_model_dir
+    from vit_vq.hub import resolve_model_name
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was called")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.setattr(huggingface_hub.file_download, "hf_hub_download", no_hub)
+    assert resolve_model_name("vit_vq:default") == default_model_dir()
+    tok = ViTVQTokenizer.from_pretrained("vit_vq:default")
+    stored = load_file(default_model_dir() / "model.safetensors")
+    assert stored.keys() == tok.state_dict().keys()
+    assert all(torch.equal(stored[k], v) for k, v in tok.state_dict().items())
+    short = ViTVQTokenizer.default().state_dict()
+    assert all(torch.equal(short[k], v) for k, v in tok.state_dict().items())
+    with pytest.raises(ValueError, match=r"unknown bundled model 'vit_vq:large'; known names: vit_vq:default"):
+        ViTVQTokenizer.from_pretrained("vit_vq:large")
+
+
+@pytest.mark.parametrize("name", ["tokins/", "./tokins", "~/tokins", "runs/a/tokins", "..\\tokins"])
+def test_path_shaped_names_stay_local(name, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("the Hub was called"))
+    with pytest.raises(FileNotFoundError, match=f"^no such folder: {re.escape(repr(name))}"):
+        ViTVQTokenizer.from_pretrained(name)
+
+
+def test_hub_mixin_keywords(tok, tmp_path):
+    tok.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="strict=False is not supported: a partial load would silently give a different"):
+        ViTVQTokenizer.from_pretrained(tmp_path / "m", strict=False)
+    with pytest.raises(ValueError, match="torch_dtype must be a floating torch.dtype"):
+        ViTVQTokenizer.from_pretrained(tmp_path / "m", torch_dtype=torch.int8)
+    half = ViTVQTokenizer.from_pretrained(
+        tmp_path / "m", torch_dtype=torch.bfloat16, map_location=torch.device("cpu"), strict=True
+    )
+    assert half.encoder.patch_embed.weight.dtype == torch.bfloat16 and half.decoder.from_code.weight.dtype == torch.bfloat16
+    assert half.quantizer.embed.dtype == torch.float32  # the codebook stays float32
+    assert torch.equal(half.quantizer.embed, tok.quantizer.embed)
+    assert half.decode(tok.encode(torch.rand(1, 3, 32, 32))).dtype == torch.float32

@@ -17,6 +17,28 @@ FORMAT_VERSION = 1
 
 PixelConvention = Literal["minus_one_one", "zero_one", "imagenet"]
 
+# Upper bounds, far above any published tokenizer: a hand-edited config.json cannot ask for
+# gigabytes before the weights are checked against it (see docs/security.md).
+MAX_SIZES: dict[str, int] = {
+    "image_size": 4096,
+    "patch_size": 256,
+    "encoder_width": 16384,
+    "decoder_width": 16384,
+    "encoder_depth": 256,
+    "decoder_depth": 256,
+    "encoder_heads": 256,
+    "decoder_heads": 256,
+    "codebook_size": 2**22,
+    "codebook_dim": 8192,
+    "kmeans_iters": 1000,
+}
+MAX_GRID_SIZE = 256  # tokens per side
+MAX_CODEBOOK_ELEMENTS = 2**28  # codebook_size * codebook_dim: 1 GiB per float32 codebook buffer
+MAX_MLP_RATIO = 64.0
+DecoderHead = Literal["pixel_shuffle", "conv_upsample"]
+QuantizerGradient = Literal["ste", "rotation"]
+DeadCodeRule = Literal["relative", "absolute"]
+
 
 @dataclass
 class ViTVQConfig:
@@ -46,6 +68,9 @@ class ViTVQConfig:
     decoder_heads: int = 12
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-6
+    # "pixel_shuffle": per-token linear -> patch pixels (+ 3x3 conv), the head of every checkpoint
+    # made before this field existed; "conv_upsample": adds a convolutional upsampling branch (see decoder.py)
+    decoder_head: DecoderHead = "pixel_shuffle"
     # codebook
     codebook_size: int = 8192
     codebook_dim: int = 32
@@ -57,6 +82,12 @@ class ViTVQConfig:
     dead_code_threshold: float = 0.03
     kmeans_init: bool = False
     kmeans_iters: int = 10
+    # gradient from the quantized latents to the encoder: "ste" (straight-through, every checkpoint
+    # made before this field existed) or "rotation" (Fifty et al. 2024); training only, see quantizer.py
+    quantizer_gradient: QuantizerGradient = "ste"
+    # a code is dead when its usage EMA is below dead_code_threshold times the mean usage ("relative",
+    # every checkpoint made before this field existed) or below dead_code_threshold itself ("absolute")
+    dead_code_rule: DeadCodeRule = "relative"
     # pixels
     pixel_convention: PixelConvention = "minus_one_one"
     # training-time defaults that belong to the model's recipe
@@ -80,6 +111,25 @@ class ViTVQConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ViTVQConfig.{name} must be a positive int, got {value!r}")
+            if name in MAX_SIZES and value > MAX_SIZES[name]:
+                raise ValueError(f"ViTVQConfig.{name} must be <= {MAX_SIZES[name]} (vit_vq.config.MAX_SIZES), got {value}")
+        if self.image_size // self.patch_size > MAX_GRID_SIZE:
+            raise ValueError(
+                f"image_size // patch_size must be <= {MAX_GRID_SIZE} tokens per side (vit_vq.config.MAX_GRID_SIZE), "
+                f"got {self.image_size} // {self.patch_size} = {self.image_size // self.patch_size}"
+            )
+        if self.codebook_size * self.codebook_dim > MAX_CODEBOOK_ELEMENTS:
+            raise ValueError(
+                f"codebook_size * codebook_dim must be <= {MAX_CODEBOOK_ELEMENTS} (vit_vq.config.MAX_CODEBOOK_ELEMENTS), "
+                f"got {self.codebook_size} * {self.codebook_dim}"
+            )
+        flags = {
+            "encoder_cls_token": self.encoder_cls_token, "l2_normalize": self.l2_normalize,
+            "use_ema": self.use_ema, "kmeans_init": self.kmeans_init,
+        }
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"ViTVQConfig.{name} must be true or false, got {value!r}")
         if self.in_channels != 3:
             raise ValueError(f"in_channels must be 3 (RGB; grey images are expanded by preprocess), got {self.in_channels}")
         floats = {
@@ -106,10 +156,22 @@ class ViTVQConfig:
             raise ValueError(f"commitment_beta must be >= 0, got {self.commitment_beta}")
         if self.dead_code_threshold < 0:
             raise ValueError(f"dead_code_threshold must be >= 0, got {self.dead_code_threshold}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not 0 < self.mlp_ratio <= MAX_MLP_RATIO:
+            raise ValueError(f"mlp_ratio must be in (0, {MAX_MLP_RATIO}] (vit_vq.config.MAX_MLP_RATIO), got {self.mlp_ratio}")
         if self.perceptual_weight < 0:
             raise ValueError(f"perceptual_weight must be >= 0, got {self.perceptual_weight}")
+        heads = ("pixel_shuffle", "conv_upsample")
+        if self.decoder_head not in heads:
+            raise ValueError(f"decoder_head must be one of {heads}, got {self.decoder_head!r}")
+        if self.decoder_head == "conv_upsample" and self.patch_size & (self.patch_size - 1):
+            raise ValueError(
+                f"decoder_head 'conv_upsample' doubles the token grid log2(patch_size) times, so patch_size "
+                f"must be a power of two, got {self.patch_size}"
+            )
+        if self.quantizer_gradient not in ("ste", "rotation"):
+            raise ValueError(f"quantizer_gradient must be 'ste' or 'rotation', got {self.quantizer_gradient!r}")
+        if self.dead_code_rule not in ("relative", "absolute"):
+            raise ValueError(f"dead_code_rule must be 'relative' or 'absolute', got {self.dead_code_rule!r}")
         conventions = ("minus_one_one", "zero_one", "imagenet")
         if self.pixel_convention not in conventions:
             raise ValueError(f"pixel_convention must be one of {conventions}, got {self.pixel_convention!r}")
@@ -142,23 +204,36 @@ class ViTVQConfig:
         data = dict(data)
         version = data.pop("format_version", FORMAT_VERSION)
         data.pop("vit_vq_version", None)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(f"config format_version must be a positive integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise ValueError(
-                f"config format_version {version!r} is newer than this vit_vq reads ({FORMAT_VERSION}); "
+                f"config format_version {version} is newer than this vit_vq reads ({FORMAT_VERSION}); "
                 "upgrade vit_vq"
             )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown ViTVQConfig keys {unknown}; known keys are {sorted(known)}")
+            more = f" ({len(unknown)} in all)" if len(unknown) > 5 else ""
+            raise ValueError(f"unknown ViTVQConfig keys {unknown[:5]}{more}; known keys are {sorted(known)}")
         return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def config_hash(self) -> str:
-        """A short, stable hash of the architecture fields (not the library version)."""
-        payload = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        """A short, stable hash of the architecture fields (not the library version).
+
+        `decoder_head` enters only when it is not `"pixel_shuffle"`, so configs written before
+        the field existed keep their hash (codes files record it and decoding checks it).
+        """
+        fields = dataclasses.asdict(self)
+        if fields["decoder_head"] == "pixel_shuffle":
+            del fields["decoder_head"]
+        del fields["quantizer_gradient"]  # training only: the same weights give the same codes either way
+        if fields["dead_code_rule"] == "relative":
+            del fields["dead_code_rule"]
+        payload = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()[:16]
 
     @classmethod
@@ -188,14 +263,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         encoder_width=512, encoder_depth=8, encoder_heads=8,
         decoder_width=512, decoder_depth=8, decoder_heads=8,
         codebook_size=8192, codebook_dim=32, l2_normalize=True,
-        perceptual_weight=0.1,
+        perceptual_weight=0.1, decoder_head="conv_upsample",
     ),
     "base": dict(
         image_size=256, patch_size=8,
         encoder_width=768, encoder_depth=12, encoder_heads=12,
         decoder_width=768, decoder_depth=12, decoder_heads=12,
         codebook_size=8192, codebook_dim=32, l2_normalize=True,
-        perceptual_weight=0.1,
+        perceptual_weight=0.1, decoder_head="conv_upsample",
     ),
     # The reference design: ViT-B/16 at 224 px, 14x14 tokens, 1024 codes of dim 512.
     "seed": dict(
@@ -207,4 +282,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-__all__ = ["ViTVQConfig", "PRESETS", "FORMAT_VERSION", "PixelConvention"]
+__all__ = [
+    "ViTVQConfig", "PRESETS", "FORMAT_VERSION", "PixelConvention", "DecoderHead", "QuantizerGradient", "DeadCodeRule",
+    "MAX_SIZES", "MAX_GRID_SIZE", "MAX_CODEBOOK_ELEMENTS", "MAX_MLP_RATIO",
+]

@@ -1,9 +1,11 @@
 """The tokenizer that ships inside the package, and the held-out photos that show it off.
 
 `load_default()` reads `vit_vq/assets/default/` (`config.json`, `model.safetensors`, a
-model card) through `ViTVQTokenizer.from_pretrained(<that folder>)`: no Hub id is
-involved, so it works with no network. `sample_photos()` lists the bundled demo photos
-(never seen in training; public domain, CC0 or CC-BY, credited in `samples/CREDITS.md`).
+model card). Its name is `vit_vq:default`: `ViTVQTokenizer.from_pretrained("vit_vq:default")`,
+every CLI `--model` / `--init` and `TokenizeBatch` accept it (`vit_vq.hub.resolve_model_name`
+maps it to that folder); no Hub id is involved, so it works with no network.
+`sample_photos()` lists the bundled demo photos (never seen in training; public domain, CC0
+or CC-BY, credited in `samples/CREDITS.md`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def load_default(map_location: str | torch.device = "cpu") -> ViTVQTokenizer:
     Raises:
         FileNotFoundError: the package was installed without its assets.
     """
-    return ViTVQTokenizer.from_pretrained(default_model_dir(), map_location=map_location)
+    return ViTVQTokenizer.from_pretrained("vit_vq:default", map_location=map_location)
 
 
 def model_card() -> str:

@@ -1,25 +1,19 @@
-"""Saving and loading tokenizers: `config.json` + `model.safetensors` + a model card.
+"""Where a tokenizer lives: model names, the Hub, and the files of a saved folder.
 
-Loading is strict and never unpickles: only `model.safetensors` is read, missing or
-unexpected keys and shape mismatches are named, and a truncated file is reported as such.
-Saving is atomic as a whole: files go into a temporary sibling folder that is then
-swapped in, so a crash never leaves new weights beside an old config.
+A model name is `vit_vq:<name>` (a tokenizer bundled with the package), a local folder, or a
+Hub repo id; `resolve_model_name` tells them apart without touching the network, and
+`resolve_files` finds `config.json` + `model.safetensors`. Reading those files strictly is in
+`vit_vq.loading`; writing them (locked, atomic) is in `vit_vq.saving`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from .config import ViTVQConfig
+from .loading import listing
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -66,42 +60,6 @@ def model_card(config: ViTVQConfig, repo_id: str | None = None, extra: str = "")
     )
 
 
-def save_folder(model: nn.Module, config: ViTVQConfig, directory: str | Path, *, card: str) -> Path:
-    """Atomically write `config.json`, `model.safetensors` and `README.md` into `directory`.
-
-    Files of other names already in `directory` are kept.
-    """
-    from safetensors.torch import save_file
-
-    directory = Path(directory).expanduser().absolute()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    umask = current_umask()
-    os.chmod(tmp, directory.stat().st_mode & 0o7777 if directory.exists() else 0o777 & ~umask)
-    file_mode = 0o666 & ~umask
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "library": "vit_vq"})
-        (tmp / CONFIG_NAME).write_text(config.to_json())
-        (tmp / CARD_NAME).write_text(card)
-        if directory.exists():
-            for item in directory.iterdir():
-                if item.name not in MANAGED:
-                    dest = tmp / item.name
-                    shutil.copytree(item, dest) if item.is_dir() else shutil.copy2(item, dest)
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-                if f.name in MANAGED:
-                    os.chmod(f, file_mode)  # safetensors writes 0600
-        _swap_in(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
-
-
 def current_umask() -> int:
     """The process umask (read by setting and restoring it): temp files ignore it, our outputs follow it."""
     mask = os.umask(0)
@@ -109,24 +67,52 @@ def current_umask() -> int:
     return mask
 
 
-def _swap_in(tmp: Path, directory: Path) -> None:
-    """Replace `directory` by `tmp` with two renames; the old copy is removed only afterwards."""
-    if not directory.exists():
-        os.replace(tmp, directory)
-        return
-    old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(directory, old)
-    try:
-        os.replace(tmp, directory)
-    except BaseException:
-        os.replace(old, directory)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+
+NAME_PREFIX = "vit_vq:"
+BUNDLED_NAMES = ("default",)
 
 
-def _looks_local(name: str) -> bool:
-    """A Hub id is `name` or `org/name`; anything else shaped like a path is local."""
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+def looks_local(name: str) -> bool:
+    """Whether `name` is shaped like a path rather than a Hub id (`name` or `org/name`).
+
+    Path-shaped: starts with `.`, `/` or `~`, ends with `/`, holds a backslash, or has more than one `/`.
+    """
+    return name.startswith((".", "/", "~")) or name.endswith("/") or "\\" in name or name.count("/") > 1
+
+
+def resolve_model_name(name: str | Path) -> str | Path:
+    """Where a model name points, without any network call: a local folder (`Path`) or a Hub id (`str`).
+
+    - `vit_vq:default`: the tokenizer bundled with the package (`vit_vq.default_model`);
+    - a `Path`, an existing path, or a path-shaped string (see `looks_local`): a local folder. A
+      folder lost to a crash mid-save is restored first (`vit_vq.saving.recover`);
+    - anything else: a Hub repo id.
+
+    Raises:
+        ValueError: an unknown `vit_vq:<name>`; the message lists the known names.
+        FileNotFoundError: a local folder that does not exist: `no such folder: '<name>'`.
+    """
+    text = str(name)
+    if isinstance(name, str) and text.startswith(NAME_PREFIX):
+        bundled = text[len(NAME_PREFIX):]
+        if bundled not in BUNDLED_NAMES:
+            known = ", ".join(NAME_PREFIX + n for n in BUNDLED_NAMES)
+            raise ValueError(f"unknown bundled model {text!r}; known names: {known}")
+        from .default_model import default_model_dir
+
+        return default_model_dir()
+    path = Path(text).expanduser()
+    if isinstance(name, Path) or path.exists() or looks_local(text):
+        if not os.path.lexists(path):
+            from .saving import recover
+
+            recover(path)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no such folder: {text!r} (a local tokenizer folder holds {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
+        return path
+    return text
 
 
 def resolve_files(
@@ -138,70 +124,61 @@ def resolve_files(
     token: str | bool | None = None,
     force_download: bool = False,
 ) -> tuple[Path, Path]:
-    """Paths of `config.json` and `model.safetensors` for a local folder or a Hub repo id.
+    """Paths of `config.json` and `model.safetensors` for a model name (see `resolve_model_name`).
 
     Raises:
-        FileNotFoundError: a local-looking path that does not exist, or a folder without the files.
+        FileNotFoundError: no such folder, a folder without the files, or a Hub repo, revision or
+            file that cannot be found (online, or in the cache when offline); the message names it.
+        ValueError: an unknown `vit_vq:` name, a path that is not a folder, or an invalid Hub id.
     """
-    path = Path(str(name_or_path)).expanduser()
-    if path.is_dir():
-        cfg, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
-        for f in (cfg, weights):
-            if not f.is_file():
-                others = sorted(p.name for p in path.iterdir())
-                raise FileNotFoundError(f"{path} has no {f.name} (found: {others}); vit_vq reads only safetensors weights")
-        return cfg, weights
-    name = str(name_or_path)
-    if path.exists() or isinstance(name_or_path, Path) or _looks_local(name):
-        raise FileNotFoundError(f"no tokenizer folder at {name!r} (expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
-    from huggingface_hub import hf_hub_download
-
-    kwargs: dict[str, Any] = dict(
-        repo_id=name, revision=revision, cache_dir=cache_dir,
-        local_files_only=local_files_only, token=token, force_download=force_download,
-    )
-    return Path(hf_hub_download(filename=CONFIG_NAME, **kwargs)), Path(hf_hub_download(filename=WEIGHTS_NAME, **kwargs))
-
-
-def read_config(path: Path) -> ViTVQConfig:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return ViTVQConfig.from_dict(data)
-
-
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file; a truncated or corrupted file raises `ValueError` naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        size = path.stat().st_size if path.exists() else 0
-        raise ValueError(f"{path} ({size} bytes) is truncated or corrupted and cannot be read as safetensors: {err}") from err
-
-
-def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """`load_state_dict(strict=True)` with errors that name every bad key and shape."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state))
-        if state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
+    where = resolve_model_name(name_or_path)
+    if isinstance(where, Path):
+        if not where.is_dir():
+            raise ValueError(f"{where} is not a folder; a tokenizer is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
+        files = where / CONFIG_NAME, where / WEIGHTS_NAME
+        missing = [f.name for f in files if not os.path.lexists(f)]
         if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if mismatched:
-            parts.append(f"shape mismatches {mismatched}")
-        raise ValueError(f"the weights in {source} do not match its config: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+            others = sorted(p.name for p in where.iterdir())
+            raise FileNotFoundError(
+                f"{where} has no {' or '.join(missing)} (found: {listing(others)}); vit_vq reads only safetensors weights"
+            )
+        return files
+    kwargs: dict[str, Any] = dict(
+        revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token, force_download=force_download,
+    )
+    return _download(where, CONFIG_NAME, **kwargs), _download(where, WEIGHTS_NAME, **kwargs)
+
+
+def _download(repo_id: str, filename: str, **kwargs: Any) -> Path:
+    """`hf_hub_download`, with huggingface_hub's errors turned into ones that name the repo and the fix."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    revision = kwargs.get("revision") or "main"
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename, **kwargs))
+    except HFValidationError as err:
+        raise ValueError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id ({err})") from err
+    except RevisionNotFoundError as err:
+        raise FileNotFoundError(f"Hub repo {repo_id!r} has no revision {revision!r}") from err
+    except RepositoryNotFoundError as err:
+        raise FileNotFoundError(
+            f"Hub repo {repo_id!r} not found (or private: pass token=...); for a local folder write './{repo_id}'"
+        ) from err
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+        raise FileNotFoundError(
+            f"{filename} of Hub repo {repo_id!r} (revision {revision!r}) is not in the local Hugging Face cache "
+            "and the Hub cannot be reached (offline, HF_HUB_OFFLINE=1 or local_files_only=True); download it once "
+            f"with network access, or pass a local folder (for one named like this, write './{repo_id}')"
+        ) from err
+    except EntryNotFoundError as err:
+        raise FileNotFoundError(
+            f"Hub repo {repo_id!r} (revision {revision!r}) has no {filename}; vit_vq reads {CONFIG_NAME} + {WEIGHTS_NAME}"
+        ) from err

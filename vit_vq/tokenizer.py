@@ -237,12 +237,21 @@ class ViTVQTokenizer(
     ) -> str | None:
         """Atomically write `config.json`, `model.safetensors` and a model card into `save_directory`.
 
+        Saves into one folder are serialised by a lock file beside it (`.<name>.lock`); files of
+        other names in the folder are kept; a symlinked folder is written through the link. A save
+        interrupted by a crash is undone on the next save or load (see `vit_vq.saving`).
         `config` is accepted for `PyTorchModelHubMixin.push_to_hub` compatibility and ignored:
         the saved config is always `self.config`.
+
+        Raises:
+            ValueError: `save_directory` is the current working folder or holds it, or is a file.
+            TimeoutError: another process held the folder's lock for `vit_vq.saving.LOCK_TIMEOUT_S`.
         """
+        from .saving import save_folder
+
         extra = (model_card_kwargs or {}).get("extra", "")
         card = hub.model_card(self.config, repo_id=repo_id, extra=extra)
-        hub.save_folder(self, self.config, save_directory, card=card)
+        save_folder(self, self.config, save_directory, card=card)
         if push_to_hub:
             return self.push_to_hub(repo_id or Path(save_directory).name, **push_to_hub_kwargs)
         return None
@@ -258,39 +267,66 @@ class ViTVQTokenizer(
         token: str | bool | None = None,
         force_download: bool = False,
         map_location: str | torch.device = "cpu",
+        torch_dtype: torch.dtype | None = None,
+        strict: bool = True,
         **kwargs: Any,
     ) -> ViTVQTokenizer:
-        """Load a tokenizer from a local folder or a Hub repo id, strictly and without unpickling.
+        """Load a tokenizer strictly and without unpickling; returns it in eval mode.
 
-        Returns the model in eval mode.
+        Args:
+            pretrained_model_name_or_path: `vit_vq:default` (the bundled tokenizer, no network), a
+                local folder, or a Hub repo id (`org/name`). A path-shaped name (`./x`, `x/`, `~/x`,
+                `a/b/c`) is always local; see `vit_vq.hub.resolve_model_name`.
+            map_location: device for the weights.
+            torch_dtype: compute dtype of the encoder and decoder (e.g. `torch.bfloat16`); the
+                codebook stays float32.
+            strict: must be True: a partial load would silently give a different tokenizer.
+
+        The safetensors header is checked against `config.json` before anything is allocated
+        (see `vit_vq.loading`).
 
         Raises:
-            FileNotFoundError: a local-looking path that does not exist, or a folder without weights.
-            ValueError: a corrupted/truncated `model.safetensors`, or weights that do not match the config.
+            FileNotFoundError: no such folder, a folder without the files, or a Hub repo/file not found.
+            PermissionError: a file that cannot be read.
+            ValueError: an unknown `vit_vq:` name, `strict=False`, a bad `config.json`, weights that
+                are corrupted, non-finite or do not match the config, or a non-float `torch_dtype`.
         """
+        from . import loading
+
         if kwargs:
             raise TypeError(f"unexpected arguments for ViTVQTokenizer.from_pretrained: {sorted(kwargs)}")
+        if strict is not True:
+            raise ValueError(
+                "strict=False is not supported: a partial load would silently give a different tokenizer "
+                "(other codes for the same image); fix the checkpoint or its config.json instead"
+            )
+        if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+            raise ValueError(f"torch_dtype must be a floating torch.dtype such as torch.bfloat16, got {torch_dtype!r}")
         cfg_path, weights_path = hub.resolve_files(
             pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
             local_files_only=local_files_only, token=token, force_download=force_download,
         )
-        config = hub.read_config(cfg_path)
+        config = loading.read_config(cfg_path)
+        loading.check_header(cls, config, loading.read_header(weights_path), weights_path)
+        state = loading.read_weights(weights_path)
         model = cls(config)
-        hub.load_state_strict(model, hub.read_weights(weights_path), weights_path)
-        return model.to(map_location).eval()
+        loading.load_state_strict(model, state, weights_path)
+        model = model.to(map_location).eval()
+        if torch_dtype is not None:
+            model.encoder.to(torch_dtype)
+            model.decoder.to(torch_dtype)
+        return model
 
     @classmethod
     def default(cls, map_location: str | torch.device = "cpu") -> ViTVQTokenizer:
-        """The trained tokenizer that ships inside the package (no network, no Hub id).
+        """The trained tokenizer that ships inside the package: `from_pretrained("vit_vq:default")`.
 
         See `vit_vq.default_model` for its model card and the bundled sample photos.
 
         Raises:
             FileNotFoundError: the package was installed without its assets.
         """
-        from .default_model import load_default
-
-        return load_default(map_location=map_location)
+        return cls.from_pretrained("vit_vq:default", map_location=map_location)
 
     @classmethod
     def from_vit(cls, vit_name_or_path: str, config: ViTVQConfig | None = None, **hf_kwargs: Any) -> ViTVQTokenizer:
