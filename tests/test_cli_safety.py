@@ -249,3 +249,28 @@ def test_torchrun_train_on_cpu_is_one_line_per_process(tmp_path, train_photo_dir
     assert len(ours) == 2, proc.stderr[-3000:]  # one line from each rank
     assert all(ln.count("error:") == 1 and "accelerate launch" in ln for ln in ours), ours
     assert not re.search(r'File ".*vit_vq[/\\]', proc.stderr), proc.stderr[-3000:]  # no traceback through our code
+
+
+def test_missing_train_extra_names_the_install_command(tmp_path, train_photo_dir):
+    """`pip install .` without `[train]`: `vit-vq train` says which extra to install (accelerate hidden from import)."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    # A meta-path finder that makes `import accelerate` fail exactly as on a machine without it.
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoAccelerate:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'accelerate' or name.startswith('accelerate.'):\n"
+        "            raise ModuleNotFoundError(f\"No module named '{name}'\", name=name)\n"
+        "sys.meta_path.insert(0, _NoAccelerate())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vit_vq.cli.main", "train", "--preset", "tiny", "--data", str(train_photo_dir),
+         "--output", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "4"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "'accelerate'" in lines[0] and "pip install '.[train]'" in lines[0], lines[0]

@@ -97,6 +97,11 @@ def test_datasets_image_column_with_a_corrupt_row(tmp_path, photos, tiny_tokeniz
     expected = api_codes(tok, [out[i]["image"] for i in good])
     assert torch.equal(torch.tensor(np.array([out[i]["codes"] for i in good])).long(), expected)
 
+    # The documented follow-up: filter on `ok` alone (whole-row functions would decode the corrupt image again).
+    kept = out.filter(lambda ok: ok, input_columns="ok")
+    assert len(kept) == 4 and kept["error"] == [""] * 4
+    assert out.filter(lambda ok: not ok, input_columns="ok")["error"][0] == out["error"][2]
+
     splits = TokenizeBatch(str(tiny_tokenizer_dir), device="cpu").map_dataset(datasets.DatasetDict(train=ds), batch_size=2)
     assert splits["train"]["ok"] == out["ok"]
 

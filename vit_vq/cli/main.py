@@ -74,8 +74,17 @@ def _unpickler_reason(err: BaseException) -> str:
     return " ".join(text.split()) or type(err).__name__
 
 
+# Optional packages -> the extra that installs them.
+EXTRAS = {"accelerate": "train", "torchvision": "train", "tensorboard": "train", "tqdm": "train", "yaml": "train",
+          "datasets": "train", "skimage": "train", "sklearn": "train", "matplotlib": "train", "ray": "ray", "triton": "triton"}
+
+
 def describe(err: BaseException) -> tuple[str, int]:
     """The one-line message and exit status for an exception that ended a command."""
+    if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] in EXTRAS:
+        extra = EXTRAS[err.name.split(".")[0]]
+        return (f"this command needs the {err.name.split('.')[0]!r} package: pip install 'vit_vq[{extra}]' "
+                f"(from a checkout: pip install '.[{extra}]')"), 2
     if isinstance(err, (CLIError, OSError, ValueError, TypeError)):
         return one_line(err), 2
     if _is_out_of_memory(err):
