@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
 
 import pytest
 import torch
@@ -312,3 +313,79 @@ def test_exact_match_beats_a_one_ulp_neighbour():
     z = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
     cb = torch.cat([torch.nextafter(z, torch.full_like(z, float("inf"))), z])  # [z + 1 ulp, z]
     assert torch.equal(nearest_code(z, cb, backend="torch"), torch.arange(5, 10))
+
+
+def _threads_a_new_thread_starts_with() -> int:
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    return seen[0]
+
+
+def test_worker_threads_from_several_python_threads_at_once(monkeypatch):
+    """Four Python threads search at once, each on 3 single-threaded workers: float64 answers, and
+    no thread setting changed afterwards (the caller's, or the one new threads start with)."""
+    from vit_vq.ops import cpu_workers, torch_backend
+
+    calls = {"search": [], "rescore": []}
+
+    def counting(kind):
+        def run_units(units, workers, *args):
+            calls[kind].append((len(units), workers))
+            cpu_workers.run_units(units, workers, *args)
+
+        return run_units
+
+    for module, kind in ((torch_backend, "search"), (exact_mod, "rescore")):  # the search, the float64 rescoring
+        monkeypatch.setattr(module, "run_units", counting(kind))
+        monkeypatch.setattr(module, "worker_count", lambda z, n_codes, n_blocks: min(3, n_blocks))
+    before = torch.get_num_threads(), _threads_a_new_thread_starts_with()
+    problems = []
+    for i in range(4):
+        gen = torch.Generator().manual_seed(40 + i)
+        offset = 100.0 if i == 1 else 0.0  # one needs float64 rescoring on many rows
+        problems.append((offset + torch.randn(700, 8, generator=gen), offset + torch.randn(900, 8, generator=gen)))
+    results: dict[int, torch.Tensor] = {}
+
+    def search(i):
+        z, codebook = problems[i]
+        results[i] = nearest_code(z, codebook, precision="exact" if i < 2 else "fast", max_temp_bytes=2**16)
+
+    threads = [threading.Thread(target=search, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls["search"]) == 4 and all(units > 3 and workers == 3 for units, workers in calls["search"])
+    assert any(workers == 3 for _, workers in calls["rescore"])  # the offset problem rescored on workers
+    for i, (z, codebook) in enumerate(problems):
+        truth = fp64_distances(z, codebook).argmin(dim=1)
+        if i < 2:
+            assert torch.equal(results[i], truth)
+        else:
+            assert (results[i] == truth).double().mean() >= 0.99
+    assert (torch.get_num_threads(), _threads_a_new_thread_starts_with()) == before
+
+
+def test_worker_count_does_not_change_the_answer():
+    from vit_vq.ops.torch_backend import search_torch, squared_norms
+
+    gen = torch.Generator().manual_seed(11)
+    z, codebook = torch.randn(1000, 8, generator=gen), torch.randn(3000, 8, generator=gen)
+    e_sq = squared_norms(codebook)
+    inline = search_torch(z, codebook, e_sq, top2=True, max_temp_bytes=2**17, workers=1)
+    pooled = search_torch(z, codebook, e_sq, top2=True, max_temp_bytes=2**17, workers=2)
+    for name in ("indices", "best", "second"):
+        assert torch.equal(getattr(inline, name), getattr(pooled, name)), name
+
+
+def test_an_error_in_a_worker_reaches_the_caller():
+    from vit_vq.ops.cpu_workers import run_units
+
+    def work(state, unit):
+        if unit == 3:
+            raise KeyError("unit 3")
+
+    with pytest.raises(KeyError, match="unit 3"):
+        run_units(list(range(8)), 2, lambda: None, work)

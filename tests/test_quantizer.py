@@ -182,3 +182,78 @@ def test_half_cast_keeps_codebook_values_in_fp32(use_ema):
     before = q.embed.detach().clone()
     q.half()
     assert q.embed.dtype == torch.float32 and torch.equal(q.embed.detach(), before)
+
+
+def test_restarts_draw_distinct_encoder_outputs():
+    """A pool of >= K distinct latents: after the first update every code is distinct (issue 14)."""
+    torch.manual_seed(0)
+    q = VectorQuantizer(ViTVQConfig.from_preset("tiny")).train()  # 256 codes, EMA, auto_update
+    z = torch.randn(1024, 8) * 0.1 + 1.0  # 16 images' worth of distinct latents, bunched together
+    out = q(z)
+    assert out.indices.unique().numel() < 64  # most codes die: ~200 restarts from 1024 latents
+    assert q.embed.unique(dim=0).shape[0] == 256
+    used_before = out.indices.unique().numel()
+    assert q(z).indices.unique().numel() > used_before
+
+
+def test_a_pool_smaller_than_the_dead_codes_gives_distinct_noisy_copies():
+    torch.manual_seed(0)
+    q = VectorQuantizer(ViTVQConfig.from_preset("tiny", l2_normalize=False), restart_pool=100).train()
+    z = torch.randn(100, 8) * 0.1 + 5.0  # far from every initial code: almost all codes die
+    q(z)
+    assert q.embed.unique(dim=0).shape[0] == 256
+    dead_restarted = torch.cdist(q.embed.double(), z.double()).min(dim=1).values
+    scale = float(z.square().mean().sqrt())
+    assert int((dead_restarted == 0).sum()) >= 90  # (almost) every pool vector used once, exactly
+    assert float(dead_restarted.max()) < 0.1 * scale * 8**0.5  # the rest: close noisy copies
+
+
+@pytest.mark.parametrize("trigger", ["restart", "kmeans"])
+def test_forward_updates_never_change_what_the_backward_needs(trigger):
+    """Learnable, l2-normalised codebook with auto_update: gradients equal those of a quantizer
+    whose update runs only after the backward."""
+    torch.manual_seed(0)
+    extra = dict(kmeans_init=True, codebook_size=16) if trigger == "kmeans" else dict(dead_code_threshold=0.9)
+    live = make(auto_update=True, use_ema=False, l2_normalize=True, **extra)
+    deferred = copy.deepcopy(live)
+    deferred.auto_update = False
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(64, 4, generator=gen) * torch.linspace(0.2, 3, 64)[:, None]  # uneven code usage
+    before = live.embed.detach().clone()
+    out_live = live(z)
+    out_deferred = deferred(z)
+    assert not torch.equal(before, live.embed.detach())  # the forward did write the codebook
+    w = torch.randn(64, 4, generator=gen)
+    for out in (out_live, out_deferred):
+        (out.codebook_loss + (w * out.quantized).sum()).backward()
+    used = torch.zeros(live.config.codebook_size, dtype=torch.bool)
+    used[out_live.indices] = True
+    changed = (before != live.embed.detach()).any(dim=1)
+    assert (used & changed).any()  # a code this batch used was rewritten: its gradient is at stake
+    assert torch.equal(live.embed.grad, deferred.embed.grad)
+
+
+def test_updating_between_forward_and_backward_is_caught_by_autograd():
+    torch.manual_seed(0)
+    q = make(use_ema=False, l2_normalize=True, dead_code_threshold=0.9)
+    out = q(torch.randn(64, 4) * torch.linspace(0.2, 3, 64)[:, None])
+    q.update_codebook()  # restarts write the parameter that normalize saved
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.codebook_loss.backward()
+
+
+@pytest.mark.parametrize("settings", [dict(use_ema=True), dict(use_ema=False), dict(kmeans_init=True)])
+def test_eval_forward_leaves_every_buffer_and_parameter_bitwise_equal(settings):
+    q = make(auto_update=True, **settings)
+    q(torch.randn(16, 4))  # some state first (k-means samples, pool, EMA)
+    q.eval()
+    state = {name: t.detach().clone() for name, t in [*q.named_buffers(), *q.named_parameters()]}
+    samples = [s.clone() for s in q._kmeans_samples]
+    z = torch.randn(3, 40, 4, requires_grad=True)
+    q(z).quantized.sum().backward()
+    q.lookup(q.prepare(z.detach()))
+    q.update_codebook()  # nothing accumulated in eval: a no-op
+    for name, t in [*q.named_buffers(), *q.named_parameters()]:
+        assert torch.equal(t.detach(), state[name]), name
+    assert len(q._kmeans_samples) == len(samples)
+    assert all(torch.equal(a, b) for a, b in zip(q._kmeans_samples, samples, strict=True))

@@ -1,6 +1,7 @@
-"""Shared ViT layers: patch embedding, position embedding, attention, MLP, block, stack.
+"""Shared ViT layers: attention, MLP, pre-norm block, the block stack, position-embedding resizing, init.
 
-One implementation serves both the encoder and the decoder. Attention runs through
+One implementation serves both the encoder and the decoder; the patch embedding and the position
+embeddings themselves live in `encoder.py` and `decoder.py`. Attention runs through
 `torch.nn.functional.scaled_dot_product_attention`, which picks flash/memory-efficient
 kernels where the device has them.
 """

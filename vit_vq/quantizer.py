@@ -1,6 +1,9 @@
-"""`VectorQuantizer`: nearest code, straight-through gradient, EMA codebook, restarts, k-means init.
+"""`VectorQuantizer`: nearest code, straight-through or rotation-trick gradient, EMA codebook, restarts, k-means init.
 
 Design:
+- Built from a tokenizer config (`VectorQuantizer(config)`) or on its own with keyword settings
+  (`VectorQuantizer(dim=8, codebook_size=256)`, for your own encoder); both become one
+  `QuantizerConfig`, so the two constructions are the same module with the same numerics.
 - `forward` only *accumulates* EMA statistics (counts via `bincount`, sums via `index_add_`);
   `update_codebook()` applies them. With `auto_update=True` (default) `forward` calls it in
   training mode, so a plain loop works; a trainer turns it off and calls it once per
@@ -11,10 +14,16 @@ Design:
   bucketed call and restart/k-means choices are made on rank 0 and broadcast, so
   codebooks stay bitwise identical across ranks. Eval mode runs no collectives.
 - Codebook math is float32 whatever the autocast or module dtype.
+- Nothing a pending backward needs is written in place: with a learnable codebook and
+  `auto_update`, the forward's graph uses a copy of the codebook, and restarts and k-means write
+  the parameter in place (never through `.data`), so autograd's version check sees every write.
+- Eval mode changes no state at all.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,9 +31,65 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed as D
-from .config import ViTVQConfig
+from . import distributed
+from .config import DeadCodeRule, QuantizerGradient, ViTVQConfig
 from .ops import codebook_statistics, nearest_code
+
+Metric = Literal["l2", "cosine"]
+RESTART_NOISE = 0.01  # noise on restart copies, relative to the pool's root-mean-square entry
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """The quantizer's own settings: the codebook fields of `ViTVQConfig`, same names and defaults.
+
+    Raises:
+        ValueError: on a non-positive size, a non-bool flag, a decay outside (0, 1), a negative weight
+            or threshold, a non-positive eps, or an unknown gradient or dead-code rule.
+    """
+
+    codebook_size: int
+    codebook_dim: int
+    l2_normalize: bool = True
+    commitment_beta: float = 0.25
+    use_ema: bool = True
+    ema_decay: float = 0.99
+    ema_eps: float = 1e-5
+    dead_code_threshold: float = 0.03
+    kmeans_init: bool = False
+    kmeans_iters: int = 10
+    quantizer_gradient: QuantizerGradient = "ste"
+    dead_code_rule: DeadCodeRule = "relative"
+
+    def __post_init__(self) -> None:
+        for name in ("codebook_size", "codebook_dim", "kmeans_iters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("l2_normalize", "use_ema", "kmeans_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("commitment_beta", "ema_decay", "ema_eps", "dead_code_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.ema_eps <= 0:
+            raise ValueError(f"ema_eps must be > 0, got {self.ema_eps}")
+        if self.commitment_beta < 0 or self.dead_code_threshold < 0:
+            raise ValueError(
+                f"commitment_beta and dead_code_threshold must be >= 0, got {self.commitment_beta} and {self.dead_code_threshold}"
+            )
+        if self.quantizer_gradient not in ("ste", "rotation"):
+            raise ValueError(f"gradient must be 'ste' or 'rotation', got {self.quantizer_gradient!r}")
+        if self.dead_code_rule not in ("relative", "absolute"):
+            raise ValueError(f"dead_code_rule must be 'relative' or 'absolute', got {self.dead_code_rule!r}")
+
+    @classmethod
+    def from_config(cls, config: ViTVQConfig) -> QuantizerConfig:
+        """The quantizer fields of a tokenizer config."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass
@@ -48,16 +113,70 @@ class QuantizerOutput:
 class VectorQuantizer(nn.Module):
     """Vector quantizer over a `[codebook_size, codebook_dim]` codebook.
 
+    Build it from a config, `VectorQuantizer(config)`, or with keyword settings,
+    `VectorQuantizer(dim=8, codebook_size=256, metric="l2")`; settings left out take
+    `ViTVQConfig`'s defaults (cosine metric, EMA codebook).
+
     Args:
-        config: the tokenizer config (codebook size/dim, l2, beta, EMA, dead-code, k-means).
+        config: a `ViTVQConfig` (the tokenizer's) or a `QuantizerConfig`.
+        dim: code dimension D (keyword form).
+        codebook_size: number of codes K (keyword form).
+        metric: `"l2"` or `"cosine"` (both sides l2-normalised).
+        commitment_beta: weight of the commitment loss `||z - sg(e)||^2`.
+        use_ema: EMA codebook (a buffer) instead of a learnable one (a parameter, trained by the
+            codebook loss).
+        ema_decay: EMA decay in (0, 1).
+        ema_eps: Laplace smoothing of the code counts.
+        dead_code_threshold: codes whose usage EMA falls below this restart; see `dead_code_rule`.
+        dead_code_rule: `"relative"` (the threshold times the mean code's usage) or `"absolute"`
+            (the threshold itself, in latents per update).
+        kmeans_init: initialise the codebook by k-means once K latents have been seen.
+        kmeans_iters: Lloyd iterations of that k-means.
+        gradient: `"ste"` (straight-through) or `"rotation"` (the rotation trick).
         auto_update: call `update_codebook()` at the end of every training `forward`.
         restart_pool: how many recent encoder outputs to keep for dead-code restarts.
+
+    Raises:
+        TypeError: when both a config and keyword settings are given, or neither a config nor
+            `dim` and `codebook_size`, or a config of another type.
+        ValueError: on invalid settings (see `QuantizerConfig`).
     """
 
-    def __init__(self, config: ViTVQConfig, *, auto_update: bool = True, restart_pool: int | None = None):
+    def __init__(
+        self,
+        config: ViTVQConfig | QuantizerConfig | None = None,
+        *,
+        dim: int | None = None,
+        codebook_size: int | None = None,
+        metric: Metric | None = None,
+        commitment_beta: float | None = None,
+        use_ema: bool | None = None,
+        ema_decay: float | None = None,
+        ema_eps: float | None = None,
+        dead_code_threshold: float | None = None,
+        dead_code_rule: DeadCodeRule | None = None,
+        kmeans_init: bool | None = None,
+        kmeans_iters: int | None = None,
+        gradient: QuantizerGradient | None = None,
+        auto_update: bool = True,
+        restart_pool: int | None = None,
+    ):
         super().__init__()
-        self.config = config
+        settings = {
+            "codebook_dim": dim, "codebook_size": codebook_size, "commitment_beta": commitment_beta,
+            "use_ema": use_ema, "ema_decay": ema_decay, "ema_eps": ema_eps,
+            "dead_code_threshold": dead_code_threshold, "dead_code_rule": dead_code_rule,
+            "kmeans_init": kmeans_init, "kmeans_iters": kmeans_iters,
+            "quantizer_gradient": gradient,
+        }  # fmt: skip
+        if metric is not None:
+            if metric not in ("l2", "cosine"):
+                raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+            settings["l2_normalize"] = metric == "cosine"
+        settings = {k: v for k, v in settings.items() if v is not None}
+        self.config = _quantizer_config(config, settings)
         self.auto_update = auto_update
+        config = self.config
         K, Dm = config.codebook_size, config.codebook_dim
         init = torch.randn(K, Dm)
         init = F.normalize(init, dim=1) if config.l2_normalize else init * Dm**-0.5
@@ -105,7 +224,10 @@ class VectorQuantizer(nn.Module):
 
     def codebook(self) -> torch.Tensor:
         """The float32 codebook as used for lookup (`[K, D]`, unit rows when l2-normalised)."""
-        e = self.embed.float()
+        return self._lookup_form(self.embed)
+
+    def _lookup_form(self, weight: torch.Tensor) -> torch.Tensor:
+        e = weight.float()
         return F.normalize(e, dim=1) if self.config.l2_normalize and not self.config.use_ema else e
 
     def prepare(self, z: torch.Tensor) -> torch.Tensor:
@@ -128,19 +250,32 @@ class VectorQuantizer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        """Quantize latents `[..., D]`; accumulates EMA statistics in training mode."""
+        """Quantize latents `[..., D]` (e.g. `[B, N, D]` from any encoder).
+
+        Training mode accumulates codebook statistics (and with `auto_update` applies them);
+        eval mode changes no state. `quantized` equals the chosen codes; its gradient reaches
+        `z` straight through, or rotated and rescaled with `gradient="rotation"`.
+        """
+        if z.ndim < 1 or z.shape[-1] != self.config.codebook_dim:
+            raise ValueError(f"expected latents [..., {self.config.codebook_dim}], got {tuple(z.shape)}")
         device_type = z.device.type if z.device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
         with torch.autocast(device_type=device_type, enabled=False):
             z = self.prepare(z)
             flat = z.reshape(-1, z.shape[-1])  # (N, D)
             if self.training:
                 self._observe(flat.detach())
-            codebook = self.codebook()  # (K, D) float32
+            weight = self.embed
+            if self.training and self.auto_update and weight.requires_grad and torch.is_grad_enabled():
+                weight = weight.clone()  # this forward's update writes `embed`; the backward needs these values
+            codebook = self._lookup_form(weight)  # (K, D) float32
             idx = nearest_code(flat.detach(), codebook.detach(), metric=self.metric)  # (N,)
             e = F.embedding(idx, codebook)  # (N, D)
             codebook_loss = F.mse_loss(e, flat.detach())
             commit_loss = self.config.commitment_beta * F.mse_loss(flat, e.detach())
-            quantized = flat + (e - flat).detach()  # straight-through
+            if self.config.quantizer_gradient == "rotation":
+                quantized = rotation_trick(flat, e.detach())
+            else:
+                quantized = flat + (e - flat).detach()  # straight-through
             if self.training and self.config.use_ema:
                 counts, sums = codebook_statistics(idx, flat.detach(), self.config.codebook_size)
                 self.acc_sum += sums
@@ -169,8 +304,12 @@ class VectorQuantizer(nn.Module):
         }
 
     def dead_mask(self) -> torch.Tensor:
-        """Codes whose usage EMA is below `dead_code_threshold` times the mean code's usage."""
-        return self.ema_count < self.config.dead_code_threshold * self.ema_count.mean()
+        """Codes whose usage EMA is below `dead_code_threshold` times the mean code's usage (relative
+        rule), or below `dead_code_threshold` latents per update (absolute rule)."""
+        threshold = self.config.dead_code_threshold
+        if self.config.dead_code_rule == "relative":
+            return self.ema_count < threshold * self.ema_count.mean()
+        return self.ema_count < threshold
 
     def _observe(self, flat: torch.Tensor) -> None:
         """Remember recent encoder outputs (restart pool) and k-means samples."""
@@ -201,7 +340,7 @@ class VectorQuantizer(nn.Module):
             self.acc_count.zero_()
             self.acc_sum.zero_()
             return
-        D.all_reduce_sum_(self.acc_count, self.acc_sum)
+        distributed.all_reduce_sum_(self.acc_count, self.acc_sum)
         if float(self.acc_count.sum()) == 0:
             return
         decay = cfg.ema_decay
@@ -224,35 +363,91 @@ class VectorQuantizer(nn.Module):
         available = min(int(self.recent_len), self.recent.shape[0])
         if num_dead == 0 or available == 0:
             return
-        # sampled on rank 0, broadcast: identical on every rank
-        choice = torch.randint(available, (num_dead,), device=self.recent.device)
-        vectors = self.recent[choice].clone()
-        D.broadcast_(vectors, src=0)
+        vectors = self._restart_vectors(num_dead, available)
+        distributed.broadcast_(vectors, src=0)  # sampled on rank 0: identical on every rank
         mean = self.ema_count.mean()
-        self.embed.data[dead] = vectors.to(self.embed.dtype)
+        self.embed[dead] = vectors.to(self.embed.dtype)  # in place, so autograd's version check sees it
         self.ema_count[dead] = mean
         if self.config.use_ema:
             self.ema_sum[dead] = vectors * mean
+
+    def _restart_vectors(self, count: int, available: int) -> torch.Tensor:
+        """`[count, D]` restart vectors from the pool's first `available` rows, drawn without replacement.
+
+        A pool smaller than `count` gives every row once, and noise-perturbed copies for the rest
+        (noise `RESTART_NOISE` times the pool's root-mean-square entry), so no two restarts coincide.
+        """
+        pool = self.recent[:available]
+        order = torch.randperm(available, device=pool.device)
+        if available >= count:
+            return pool[order[:count]].clone()
+        extra = pool[torch.randint(available, (count - available,), device=pool.device)]
+        scale = RESTART_NOISE * pool.square().mean().sqrt().clamp(min=1e-6)
+        extra = extra + scale * torch.randn_like(extra)
+        if self.config.l2_normalize:
+            extra = F.normalize(extra, dim=1)
+        return torch.cat([pool[order], extra])
 
     def _maybe_kmeans_init(self) -> bool:
         """Run k-means once every rank holds >= K samples; True when it ran (same answer on every rank)."""
         K = self.config.codebook_size
         have = sum(s.shape[0] for s in self._kmeans_samples)
         device = self.embed.device
-        if D.all_reduce_min(have, device) < K:
+        if distributed.all_reduce_min(have, device) < K:
             return False
         centers = torch.empty_like(self.embed, dtype=torch.float32)
-        if D.rank() == 0:
+        if distributed.rank() == 0:
             samples = torch.cat(self._kmeans_samples)
             centers = kmeans(samples, K, self.config.kmeans_iters, spherical=self.config.l2_normalize)
-        D.broadcast_(centers, src=0)
-        self.embed.data.copy_(centers.to(self.embed.dtype))
+        distributed.broadcast_(centers, src=0)
+        self.embed.copy_(centers.to(self.embed.dtype))  # in place under no_grad: autograd's version check sees it
         self.ema_count.fill_(1.0)
         if self.config.use_ema:
             self.ema_sum.copy_(centers)
         self.initialized.fill_(True)
         self._kmeans_samples.clear()
         return True
+
+
+def rotation_trick(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The rotation trick (Fifty et al. 2024): values `q`, gradient to `z` through `s R`.
+
+    `R` is the rotation taking `z/|z|` to `q/|q|` in their common plane (two Householder
+    reflections: `R = I - 2 w w^T + 2 v u^T` with `u = z/|z|`, `v = q/|q|`, `w = (u+v)/|u+v|`), and
+    `s = |q|/|z|`; both are treated as constants, so the gradient w.r.t. `z` is `s R^T g`.
+    The returned values are exactly `q`: `s R z` equals `q` only up to rounding, so it carries only the gradient.
+
+    Args:
+        z: float32 `[N, D]` encoder outputs (differentiated).
+        q: float32 `[N, D]` chosen codes (not differentiated).
+    """
+    z_norm = torch.linalg.vector_norm(z.detach(), dim=1, keepdim=True).clamp(min=1e-12)  # (N, 1)
+    q_norm = torch.linalg.vector_norm(q, dim=1, keepdim=True)
+    u = z.detach() / z_norm
+    v = q / q_norm.clamp(min=1e-12)
+    w = F.normalize(u + v, dim=1)
+    rotated = z - 2 * w * (w * z).sum(1, keepdim=True) + 2 * v * (u * z).sum(1, keepdim=True)  # (N, D): R z
+    rotated = rotated * (q_norm / z_norm)
+    return q + (rotated - rotated.detach())  # exactly q forward; rotated's gradient backward
+
+
+def _quantizer_config(config: object, settings: dict) -> QuantizerConfig:
+    """One `QuantizerConfig` from either construction; see `VectorQuantizer` for the errors."""
+    if config is not None and settings:
+        raise TypeError(f"VectorQuantizer takes a config or keyword settings, not both; got a config and {sorted(settings)}")
+    if isinstance(config, QuantizerConfig):
+        return config
+    if isinstance(config, ViTVQConfig):
+        return QuantizerConfig.from_config(config)
+    if config is not None:
+        raise TypeError(
+            f"VectorQuantizer(config) expects a ViTVQConfig or QuantizerConfig, got {type(config).__name__}; "
+            "for a standalone quantizer use keywords, e.g. VectorQuantizer(dim=8, codebook_size=256)"
+        )
+    missing = [name for name, key in (("dim", "codebook_dim"), ("codebook_size", "codebook_size")) if key not in settings]
+    if missing:
+        raise TypeError(f"VectorQuantizer needs a config, or dim= and codebook_size=; missing {missing}")
+    return QuantizerConfig(**settings)
 
 
 def kmeans(samples: torch.Tensor, k: int, iters: int, *, spherical: bool) -> torch.Tensor:

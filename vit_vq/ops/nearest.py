@@ -6,12 +6,14 @@ The backends:
 
 - **triton** (`triton_backend`): one fused kernel, O(N) memory. Chosen for CUDA tensors when Triton is
   installed.
-- **torch** (`torch_backend`): blocks of rows scored into one preallocated buffer, temporaries within
-  `max_temp_bytes`. Everything else.
+- **torch** (`torch_backend`): blocks of rows scored into preallocated buffers, temporaries within
+  `max_temp_bytes` per worker; big CPU searches run on a few single-threaded worker threads
+  (`cpu_workers`), which hold up when other processes share the cores. Everything else.
 
 `VIT_VQ_BACKEND=torch|triton` forces one; forcing Triton where it cannot run raises `RuntimeError`.
-Exact mode adds the proof-or-rescore step of `exact` to either backend's fast pass. Codebook norms are
-computed on every call, so nothing can go stale while EMA moves the codebook.
+Exact mode adds the proof-or-rescore step of `exact` to either backend's fast pass; both backends
+rescore by direct float64 differences. Codebook norms are computed on every call, so nothing can go
+stale while EMA moves the codebook. Safe to call from several Python threads at once.
 """
 
 from __future__ import annotations
@@ -148,11 +150,9 @@ def _search(
         e_norm_max = e_sq.max().sqrt()
         rows = exact.unresolved_rows(cand, z_norm, e_norm_max, dim).nonzero().squeeze(1)
         if rows.numel() and choice == "triton":
-            e_sq64 = triton_rescore.squared_norms_triton(codebook, torch.float64)
-            indices[rows] = triton_rescore.rescore_triton(z, codebook, rows, e_sq64)
+            indices[rows] = triton_rescore.rescore_triton(z, codebook, rows)
         elif rows.numel():
-            m = float(e_norm_max) * (1 + 2**-20)
-            indices[rows] = exact.rescore(z, codebook, rows, m, max_temp_bytes)
+            indices[rows] = exact.rescore(z, codebook, rows, max_temp_bytes)
 
     distances = z.new_empty(0, dtype=torch.float32)
     if need_distances:
@@ -199,8 +199,9 @@ def nearest_code(
             than tf32 can tell apart). On CPU both are float32.
         backend: `None` (automatic), `"torch"` or `"triton"`; `VIT_VQ_BACKEND` is read when None.
         return_distances: also return the chosen distances.
-        max_temp_bytes: bound on temporaries (the torch path's score blocks, the float64 rescoring);
-            besides O(N) outputs, and float32 copies of 16-bit inputs on the torch path.
+        max_temp_bytes: bound on temporaries (the torch path's score blocks, per worker thread; the
+            float64 rescoring); besides O(N) outputs, and float32 copies of 16-bit inputs on the
+            torch path.
 
     Returns:
         int64 `[N]`, or a `NearestCodeResult` when `return_distances`. Equal distances go to the

@@ -1,4 +1,4 @@
-"""Per-code statistics for EMA codebook updates, without an N x K one-hot."""
+"""Per-code statistics (counts and sums of the vectors assigned to each code), without an N x K one-hot."""
 
 from __future__ import annotations
 

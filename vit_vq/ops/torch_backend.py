@@ -1,7 +1,7 @@
 """Chunked nearest-code search in plain torch, with bounded temporaries (the CPU / no-Triton path).
 
 Scores are `s_k = |e_k|^2 - 2 z.e_k` (the row constant `|z|^2` is left out). For a block of rows,
-`torch.addmm` writes the `[codes, rows]` score block into one preallocated buffer (codes along dim 0
+`torch.addmm` writes the `[codes, rows]` score block into a preallocated buffer (codes along dim 0
 runs ~2x faster than `[rows, codes]` at small D on CPU, and reusing one buffer avoids the allocator
 fragmentation that fresh per-chunk tensors cause). The minimum is then found in two cheap steps: a
 vectorised `amin` over groups of `GROUP` codes, and an indexed `min` inside the winning group only
@@ -9,6 +9,10 @@ vectorised `amin` over groups of `GROUP` codes, and an indexed `min` inside the 
 
 Ties: `torch.min` returns the first minimum, the first group holding the minimum is taken, and
 blocks of codes are merged with a strict `<`, so equal scores always go to the lowest index.
+
+Big CPU searches hand whole units of row blocks to a few single-threaded worker threads
+(`cpu_workers`), each with its own buffers, instead of running every small operation on all of
+torch's threads: thousands of small parallel regions stall whenever another process holds a core.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .cpu_workers import row_spans, run_units
+
 DEFAULT_MAX_TEMP_BYTES = 64 * 2**20
 GROUP = 256  # codes per group in the two-step minimum
 CPU_SCORE_BYTES = 4 * 2**20  # score block kept cache-sized on CPU
 MIN_BLOCK_ROWS = 32  # split the codebook only when fewer rows than this would fit
+PARALLEL_MIN_SCORES = 2**22  # smaller searches run inline: a few ms, too short to be worth threads
 
 
 @dataclass
@@ -101,6 +108,31 @@ def block_shape(n_rows: int, n_codes: int, max_temp_bytes: int, *, cpu: bool) ->
     return max(1, min(n_rows, rows)), codes
 
 
+def worker_count(z: torch.Tensor, n_codes: int, n_blocks: int) -> int:
+    """Worker threads for a CPU search: torch's thread count for big searches, else 1 (run inline)."""
+    if z.device.type != "cpu" or z.shape[0] * n_codes < PARALLEL_MIN_SCORES:
+        return 1
+    return max(1, min(torch.get_num_threads(), n_blocks))
+
+
+@dataclass
+class _Scratch:
+    """One worker's preallocated buffers, reused for every block it scores."""
+
+    scores: torch.Tensor
+    group_min: torch.Tensor
+    arange: torch.Tensor
+
+    @classmethod
+    def allocate(cls, rows: int, codes: int, group: int, device: torch.device) -> _Scratch:
+        padded = -(-codes // group) * group
+        return cls(
+            scores=torch.empty(padded * rows, dtype=torch.float32, device=device),
+            group_min=torch.empty(padded // group * rows, dtype=torch.float32, device=device),
+            arange=torch.arange(rows, device=device),
+        )
+
+
 def search_torch(
     z: torch.Tensor,
     codebook: torch.Tensor,
@@ -109,57 +141,81 @@ def search_torch(
     top2: bool,
     max_temp_bytes: int = DEFAULT_MAX_TEMP_BYTES,
     input_rounding: float = 0.0,
+    workers: int | None = None,
 ) -> Candidates:
     """Smallest score (and second smallest if `top2`) for every row of `z`.
+
+    On CPU, big searches run on a few single-threaded worker threads (`cpu_workers`), each with
+    its own buffers: coarse units of rows hold up when other processes share the cores, where
+    thousands of small multi-threaded operations stall. Every row is scored by the same operations
+    whichever thread runs it, so the result does not depend on the worker count.
 
     Args:
         z: float32 `[N, D]`, N >= 1.
         codebook: float32 `[K, D]`, K >= 1.
         e_sq: float32 `[K]`, the squared code norms (computed per call by the caller).
         top2: also track the second-best score (exact mode).
-        max_temp_bytes: bound on the temporaries (score block, group minima, gathered groups).
+        max_temp_bytes: bound on each worker's temporaries (score block, group minima, gathered groups).
         input_rounding: recorded in the result (torch's fp32 matmul setting, see `exact`).
+        workers: worker threads (default: `worker_count`); 1 runs inline on the caller's thread
+            with its own torch threads.
     """
     n_rows, n_codes = z.shape[0], codebook.shape[0]
     rows, codes = block_shape(n_rows, n_codes, max_temp_bytes, cpu=z.device.type == "cpu")
     group = min(GROUP, n_codes)
-    padded = -(-codes // group) * group
-    scores = torch.empty(padded * rows, dtype=torch.float32, device=z.device)
-    group_min = torch.empty(padded // group * rows, dtype=torch.float32, device=z.device)
-    arange = torch.arange(rows, device=z.device)
+    out = Candidates(
+        indices=torch.empty(n_rows, dtype=torch.int64, device=z.device),
+        best=torch.empty(n_rows, dtype=torch.float32, device=z.device),
+        second=torch.empty(n_rows, dtype=torch.float32, device=z.device) if top2 else None,
+        input_rounding=input_rounding,
+    )
+    n_blocks = -(-n_rows // rows)
+    workers = worker_count(z, n_codes, n_blocks) if workers is None else min(workers, n_blocks)
 
-    indices = torch.empty(n_rows, dtype=torch.int64, device=z.device)
-    best = torch.empty(n_rows, dtype=torch.float32, device=z.device)
-    second = torch.empty(n_rows, dtype=torch.float32, device=z.device) if top2 else None
-    for r0 in range(0, n_rows, rows):
-        zb = z[r0 : r0 + rows]  # (r, D)
-        result = None
-        for k0 in range(0, n_codes, codes):
-            part = _search_block(
-                zb, codebook[k0 : k0 + codes], e_sq[k0 : k0 + codes], scores, group_min, arange, group, top2
-            )
-            if k0:
-                part.indices += k0
-            result = part if result is None else merge_candidates(result, part)
-        r1 = r0 + zb.shape[0]
-        indices[r0:r1] = result.indices
-        best[r0:r1] = result.best
-        if top2:
-            second[r0:r1] = result.second
-    return Candidates(indices, best, second, input_rounding)
+    def make_scratch() -> _Scratch:
+        return _Scratch.allocate(rows, codes, group, z.device)
+
+    def search_rows(scratch: _Scratch, span: tuple[int, int]) -> None:
+        for r0 in range(span[0], span[1], rows):
+            _search_rows(z[r0 : min(r0 + rows, span[1])], codebook, e_sq, codes, group, top2, scratch, out, r0)
+
+    if workers <= 1:
+        search_rows(make_scratch(), (0, n_rows))
+        return out
+    run_units(row_spans(n_rows, rows, workers), workers, make_scratch, search_rows)
+    return out
+
+
+def _search_rows(
+    zb: torch.Tensor,
+    codebook: torch.Tensor,
+    e_sq: torch.Tensor,
+    codes: int,
+    group: int,
+    top2: bool,
+    scratch: _Scratch,
+    out: Candidates,
+    r0: int,
+) -> None:
+    """One block of rows against the whole codebook (in blocks of `codes`), written into `out` at `r0`."""
+    result = None
+    for k0 in range(0, codebook.shape[0], codes):
+        part = _search_block(zb, codebook[k0 : k0 + codes], e_sq[k0 : k0 + codes], scratch, group, top2)
+        if k0:
+            part.indices += k0
+        result = part if result is None else merge_candidates(result, part)
+    r1 = r0 + zb.shape[0]
+    out.indices[r0:r1] = result.indices
+    out.best[r0:r1] = result.best
+    if top2:
+        out.second[r0:r1] = result.second
 
 
 def _search_block(
-    zb: torch.Tensor,
-    cb: torch.Tensor,
-    e_sq: torch.Tensor,
-    scores: torch.Tensor,
-    group_min: torch.Tensor,
-    arange: torch.Tensor,
-    group: int,
-    top2: bool,
+    zb: torch.Tensor, cb: torch.Tensor, e_sq: torch.Tensor, scratch: _Scratch, group: int, top2: bool
 ) -> Candidates:
     """One block of rows against one block of codes, in the preallocated buffers."""
+    scores, group_min, arange = scratch.scores, scratch.group_min, scratch.arange
     r, k = zb.shape[0], cb.shape[0]
     n_groups = -(-k // group)
     s = scores[: n_groups * group * r].view(n_groups * group, r)  # (k_padded, r): codes along dim 0

@@ -1,6 +1,8 @@
 """Triton kernels for the steps around the search: per-code squared norms, and exact mode's float64 rescoring.
 
-Both have torch twins: `torch_backend.squared_norms` and `exact.rescore`.
+Both have torch twins: `torch_backend.squared_norms` and `exact.rescore`. The rescoring shares one
+contract with its twin (direct float64 differences, ties to the lowest index), enforced for both by
+tests/test_backend_contract.py.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import triton.language as tl
 from .torch_backend import Candidates, merge_candidates
 from .triton_backend import sm_count
 
-RESCORE_CONFIG = {"BLOCK_R": 32, "BLOCK_K": 64, "BLOCK_D": 16, "num_warps": 4}
+RESCORE_CONFIG = {"BLOCK_R": 32, "BLOCK_K": 64, "num_warps": 4}
 
 
 @triton.jit
@@ -44,22 +46,25 @@ def squared_norms_triton(x: torch.Tensor, dtype: torch.dtype = torch.float32) ->
 
 @triton.jit
 def _rescore_kernel(
-    # pointers: float32 rows to rescore [R, D], float32 codes [K, D], float64 |e|^2 [K], outputs [splits, R]
-    z_ptr, e_ptr, e_sq_ptr, out_idx_ptr, out_best_ptr,
+    # pointers: float32 rows to rescore [R, D], float32 codes [K, D], outputs [splits, R]
+    z_ptr, e_ptr, out_idx_ptr, out_best_ptr,
     # sizes
-    R, K, codes_per_split, D: tl.constexpr,
+    R, K, codes_per_split, D,
     # strides
     stride_zn, stride_zd, stride_ek, stride_ed,
     # meta
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Float64 scores |e|^2 - 2 z.e for the given rows; lowest index among equal minima."""
+    """Float64 distances sum_d (z_d - e_d)^2 by direct differences; lowest index among equal minima.
+
+    No `|e|^2 - 2 z.e` form: that cancels catastrophically for data with a large common offset,
+    even in float64. One dimension at a time keeps every temporary two-dimensional.
+    """
     split = tl.program_id(1)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < R
-    z_rows = z_ptr + r.to(tl.int64)[:, None] * stride_zn  # (BLOCK_R, 1)
+    z_rows = z_ptr + r.to(tl.int64) * stride_zn  # (BLOCK_R,)
     cols = tl.arange(0, BLOCK_K)
-    dims = tl.arange(0, BLOCK_D)
     k_begin = split * codes_per_split
     k_end = tl.minimum(K, k_begin + codes_per_split)
     best = tl.full([BLOCK_R], float("inf"), tl.float64)
@@ -67,17 +72,16 @@ def _rescore_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         codes = k0 + cols
         code_ok = codes < k_end
-        e_rows = e_ptr + codes.to(tl.int64)[:, None] * stride_ek
-        dot = tl.zeros([BLOCK_R, BLOCK_K], tl.float64)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + dims
-            zc = tl.load(z_rows + dd[None, :] * stride_zd, mask=r_ok[:, None] & (dd[None, :] < D), other=0.0)
-            ec = tl.load(e_rows + dd[None, :] * stride_ed, mask=code_ok[:, None] & (dd[None, :] < D), other=0.0)
-            dot = tl.dot(zc.to(tl.float64), tl.trans(ec.to(tl.float64)), dot, out_dtype=tl.float64)
-        e_sq = tl.load(e_sq_ptr + codes, mask=code_ok, other=float("inf"))
-        s = e_sq[None, :] - 2.0 * dot  # (BLOCK_R, BLOCK_K); codes past the split score +inf
-        tile_best = tl.min(s, axis=1)
-        tile_arg = tl.min(tl.where(s == tile_best[:, None], cols[None, :], BLOCK_K), axis=1)
+        e_rows = e_ptr + codes.to(tl.int64) * stride_ek  # (BLOCK_K,)
+        dist = tl.zeros([BLOCK_R, BLOCK_K], tl.float64)
+        for d in range(0, D):
+            zc = tl.load(z_rows + d * stride_zd, mask=r_ok, other=0.0).to(tl.float64)  # (BLOCK_R,)
+            ec = tl.load(e_rows + d * stride_ed, mask=code_ok, other=0.0).to(tl.float64)  # (BLOCK_K,)
+            diff = zc[:, None] - ec[None, :]
+            dist += diff * diff
+        dist = tl.where(code_ok[None, :], dist, float("inf"))  # codes past the split never win
+        tile_best = tl.min(dist, axis=1)
+        tile_arg = tl.min(tl.where(dist == tile_best[:, None], cols[None, :], BLOCK_K), axis=1)
         better = tile_best < best
         best_idx = tl.where(better, k0 + tile_arg, best_idx)
         best = tl.where(better, tile_best, best)
@@ -86,23 +90,23 @@ def _rescore_kernel(
     tl.store(out_best_ptr + out, best, mask=r_ok)
 
 
-def rescore_triton(
-    z: torch.Tensor, codebook: torch.Tensor, rows: torch.Tensor, e_sq64: torch.Tensor, *, splits: int | None = None
-) -> torch.Tensor:
+def rescore_triton(z: torch.Tensor, codebook: torch.Tensor, rows: torch.Tensor, *, splits: int | None = None) -> torch.Tensor:
     """Float64 argmin over the whole codebook for `z[rows]` (exact mode's rescoring), in one kernel.
+
+    The same contract as its torch twin `exact.rescore`: distances by direct float64 differences,
+    equal distances to the lowest index.
 
     Args:
         z: `[N, D]`, codebook `[K, D]` (any float dtypes; float32 into the kernel, float64 inside it).
         rows: int64 `[R]`, R >= 1.
-        e_sq64: float64 `[K]` squared code norms.
         splits: parts of the codebook run as separate programs (default: enough to fill the GPU).
 
     Returns:
-        int64 `[R]`; equal float64 scores go to the lowest index. The torch twin is `exact.rescore`.
+        int64 `[R]`.
     """
     n_rows, n_codes, dim = rows.numel(), codebook.shape[0], codebook.shape[1]
     zr = z[rows].float()  # (R, D)
-    codebook = codebook.float()  # a copy only for 16-bit codebooks (Triton cannot feed them to float64 dots)
+    codebook = codebook.float()  # a copy only for 16-bit codebooks (float32 -> float64 is exact)
     cfg = dict(RESCORE_CONFIG)
     row_blocks = triton.cdiv(n_rows, cfg["BLOCK_R"])
     if splits is None:
@@ -114,7 +118,7 @@ def rescore_triton(
     out_idx = torch.empty(splits, n_rows, dtype=torch.int64, device=z.device)
     out_best = torch.empty(splits, n_rows, dtype=torch.float64, device=z.device)
     _rescore_kernel[(row_blocks, splits)](
-        zr, codebook, e_sq64, out_idx, out_best,
+        zr, codebook, out_idx, out_best,
         n_rows, n_codes, codes_per_split, dim,
         zr.stride(0), zr.stride(1), codebook.stride(0), codebook.stride(1),
         **cfg,

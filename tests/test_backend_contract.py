@@ -1,0 +1,151 @@
+"""One exact-mode contract for every backend, checked case by case against float64 direct differences.
+
+The contract of `nearest_code(precision="exact")`: the chosen code is the argmin of the float64
+distance `sum((z - e)^2)` (of the float32-normalised vectors for cosine), equal distances go to the
+lowest index, and `return_distances` gives that distance to float32 accuracy.
+
+Every case runs on the torch backend here, on CUDA when there is a GPU, and on the Triton kernel
+(search and float64 rescoring) under TRITON_INTERPRET=1 in a subprocess: Triton reads the variable
+when its kernels are defined, so the interpreter needs a fresh process. Cases built around ties
+assert their tie count first, because a count of 0 would mean the case proves nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vit_vq.ops import nearest_code
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass
+class Case:
+    z: torch.Tensor
+    codebook: torch.Tensor
+    metric: str = "l2"
+    min_tied_rows: int = 0  # rows whose float64 minimum is shared by several codes, at least
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _random(n, k, d, dtype=torch.float32, e_dtype=None, seed=0, metric="l2") -> Case:
+    g = _gen(seed)
+    z, e = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+    return Case(z.to(dtype), e.to(e_dtype or dtype), metric)
+
+
+def _offset(offset, spread, n, k, d, seed=0) -> Case:
+    """Data a few float32 ulps wide around a large offset: `|e|^2 - 2 z.e` cancels, even in float64."""
+    g = _gen(seed)
+    return Case(offset + spread * torch.randn(n, d, generator=g), offset + spread * torch.randn(k, d, generator=g))
+
+
+def _integer_copies(layout: str, n=64, k=300, d=4, seed=1) -> Case:
+    """Every code twice (`k` apart, or side by side): copies in different tiles, splits and chunks."""
+    g = _gen(seed)
+    base = torch.randint(-8, 8, (k, d), generator=g).float()
+    z = torch.randint(-8, 8, (n, d), generator=g).float()
+    codebook = torch.cat([base, base]) if layout == "stacked" else base.repeat_interleave(2, dim=0)
+    return Case(z, codebook, min_tied_rows=n)
+
+
+def _float_copies(n=40, k=150, d=6, seed=3) -> Case:
+    g = _gen(seed)
+    base, z = torch.randn(k, d, generator=g), torch.randn(n, d, generator=g)
+    return Case(z, torch.cat([base, base, base[:37]]), min_tied_rows=n)
+
+
+def _one_ulp_neighbour() -> Case:
+    z = torch.randn(5, 8, generator=_gen(1))
+    return Case(z, torch.cat([torch.nextafter(z, torch.full_like(z, float("inf"))), z]))  # [z + 1 ulp, z]
+
+
+CASES = {
+    "random_200x500x8": lambda: _random(200, 500, 8),
+    "offset_1000_1e-4_d64": lambda: _offset(1000.0, 1e-4, 200, 256, 64),  # issue 14's Triton failure
+    "offset_1000_1e-2_d8": lambda: _offset(1000.0, 1e-2, 150, 500, 8, seed=2),
+    "offset_300_1e-2_d32": lambda: _offset(300.0, 1e-2, 100, 300, 32, seed=3),
+    "ties_stacked": lambda: _integer_copies("stacked"),
+    "ties_interleaved": lambda: _integer_copies("interleaved"),
+    "duplicate_float_codes": _float_copies,
+    "one_ulp_neighbour": _one_ulp_neighbour,
+    "odd_1x1x1": lambda: _random(1, 1, 1),
+    "odd_1x5x3": lambda: _random(1, 5, 3),
+    "odd_7x1x8": lambda: _random(7, 1, 8),
+    "odd_33x70x17": lambda: _random(33, 70, 17),
+    "odd_5x600x3": lambda: _random(5, 600, 3),
+    "odd_20x300x64": lambda: _random(20, 300, 64),
+    "odd_10x50x80": lambda: _random(10, 50, 80),  # D > 64: the kernel loops over D
+    "bf16": lambda: _random(60, 200, 24, torch.bfloat16),
+    "fp16": lambda: _random(60, 200, 24, torch.float16),
+    "bf16_z_fp32_codes": lambda: _random(60, 200, 24, torch.bfloat16, torch.float32),
+    "cosine": lambda: _random(100, 300, 12, metric="cosine"),
+    "cosine_bf16": lambda: _random(100, 300, 12, torch.bfloat16, metric="cosine"),
+}
+
+
+def reference(case: Case) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(lowest index of the float64 minimum, that minimum, rows with a tied minimum), by direct differences."""
+    z, e = case.z.float(), case.codebook.float()
+    if case.metric == "cosine":
+        z, e = F.normalize(z, dim=1), F.normalize(e, dim=1)
+    d = (z.double()[:, None, :] - e.double()[None, :, :]).square().sum(-1)  # (N, K)
+    best = d.min(dim=1).values
+    at_min = d == best[:, None]
+    index = at_min.int().argmax(dim=1)  # the first index holding the minimum
+    distance = best * 0.5 if case.metric == "cosine" else best  # 1 - cos = |a - b|^2 / 2
+    return index, distance, int((at_min.sum(dim=1) > 1).sum())
+
+
+def _backends() -> list[tuple[str, str]]:
+    if INTERPRETED:
+        return [("triton", "cpu")]
+    found = [("torch", "cpu")]
+    if torch.cuda.is_available():
+        found += [("torch", "cuda")]
+        if importlib.util.find_spec("triton") is not None:
+            found += [("triton", "cuda")]
+    return found
+
+
+@pytest.mark.parametrize(("backend", "device"), _backends(), ids=lambda v: v)
+@pytest.mark.parametrize("name", list(CASES))
+def test_exact_mode_contract(name, backend, device):
+    case = CASES[name]()
+    index, distance, tied = reference(case)
+    assert tied >= case.min_tied_rows  # the tie cases really are tied
+    out = nearest_code(case.z.to(device), case.codebook.to(device), metric=case.metric, backend=backend, return_distances=True)
+    got = out.indices.cpu()
+    off = int((got != index).sum())
+    assert off == 0, f"{off} of {len(index)} rows off the float64 optimum"
+    torch.testing.assert_close(out.distances.cpu().double(), distance, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this test starts the interpreter run")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_triton_kernel_keeps_the_contract_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env.pop("VIT_VQ_BACKEND", None)
+    here = Path(__file__)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here), "-k", "test_exact_mode_contract"],
+        cwd=here.parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert f"{len(CASES)} passed" in proc.stdout, proc.stdout[-2000:]
