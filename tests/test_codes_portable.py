@@ -97,7 +97,7 @@ def test_format_1_codes_still_load_without_their_precision_bound_hash(tmp_path, 
     assert old.model.decoder_hash is None and old.model.config_hash == info.config_hash
     assert torch.equal(old.codes, codes)
 
-    for bad in ("true", "-7", "1.0", ""):
+    for bad in ("true", "-7", "1.0", "", "\u0661", "\u00b2"):  # Arabic-Indic 1 and superscript 2 pass isdigit()
         rewrite_metadata(path, format_version=bad)
         with pytest.raises(ValueError, match="format_version must be a whole number"):
             load_codes(path)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -40,7 +41,7 @@ def test_unknown_preset_lists_known_ones():
         (dict(ema_decay=1.0), r"ema_decay must be in \(0, 1\)"),
         (dict(codebook_size=0), r"codebook_size must be a positive int, got 0"),
         (dict(pixel_convention="rgb"), r"pixel_convention must be one of"),
-        (dict(commitment_beta=-1.0), r"commitment_beta must be >= 0"),
+        (dict(commitment_beta=-1.0), r"commitment_beta must be in \[0, 100\] \(vit_vq\.config\.FLOAT_RANGES\), got -1\.0"),
     ],
 )
 def test_impossible_combinations_raise(kwargs, match):
@@ -103,3 +104,62 @@ def test_presets_sit_inside_the_bounds(name):
 def test_format_version_must_be_a_positive_int(version):
     with pytest.raises(ValueError, match=r"format_version must be a positive integer, got"):
         ViTVQConfig.from_dict({**ViTVQConfig().to_dict(), "format_version": version})
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("layer_norm_eps", -1.0), ("layer_norm_eps", 0.0), ("layer_norm_eps", 1e300), ("layer_norm_eps", 1e-300),
+        ("layer_norm_eps", 0.2), ("ema_eps", 0.0), ("ema_eps", 1e300), ("commitment_beta", 1e300),
+        ("perceptual_weight", -0.5), ("perceptual_weight", 1e300), ("dead_code_threshold", -1.0),
+        ("dead_code_threshold", 1e300),
+    ],
+)
+def test_float_fields_outside_their_range_are_refused_naming_the_limit(field, value):
+    from vit_vq.config import FLOAT_RANGES
+
+    low, high = FLOAT_RANGES[field]
+    assert not low <= value <= high
+    limit = r"\[.*\] \(vit_vq\.config\.FLOAT_RANGES\)"
+    with pytest.raises(ValueError, match=rf"{field} must be in {limit}, got {re.escape(repr(value))}$"):
+        ViTVQConfig.from_preset("tiny", **{field: value})
+
+
+@pytest.mark.parametrize("field", ["layer_norm_eps", "ema_eps", "commitment_beta", "perceptual_weight", "dead_code_threshold"])
+def test_float_range_ends_are_accepted(field):
+    from vit_vq.config import FLOAT_RANGES
+
+    rule = {"dead_code_rule": "absolute"} if field == "dead_code_threshold" else {}
+    for value in FLOAT_RANGES[field]:
+        assert getattr(ViTVQConfig.from_preset("tiny", **rule, **{field: value}), field) == value
+
+
+@pytest.mark.parametrize("eps", [-1.0, 1e300])
+def test_a_bad_layer_norm_eps_would_have_collapsed_the_codes(eps):
+    """What the bound prevents: the same weights with this eps give NaN latents or a single code."""
+    import torch
+
+    from vit_vq import ViTVQTokenizer
+
+    torch.manual_seed(0)
+    tok = ViTVQTokenizer(ViTVQConfig.from_preset("tiny")).eval()
+    images = torch.rand(2, 3, 32, 32)
+    for module in tok.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = eps
+    with torch.no_grad():
+        latents = tok.encoder(tok._to_model_space(images, validate=True))
+    assert not torch.isfinite(latents).all() or tok.encode(images).unique().numel() == 1
+    with pytest.raises(ValueError, match=r"layer_norm_eps must be in \[1e-12, 0\.1\]"):
+        ViTVQConfig.from_preset("tiny", layer_norm_eps=eps)
+
+
+def test_relative_dead_code_threshold_is_a_fraction_of_the_mean():
+    with pytest.raises(ValueError, match=r"dead_code_threshold must be <= 1 under dead_code_rule 'relative'"):
+        ViTVQConfig.from_preset("tiny", dead_code_threshold=2.0)
+    assert ViTVQConfig.from_preset("tiny", dead_code_threshold=2.0, dead_code_rule="absolute").dead_code_threshold == 2.0
+
+
+def test_an_mlp_ratio_that_rounds_to_no_hidden_units_is_refused():
+    with pytest.raises(ValueError, match=r"mlp_ratio 0\.001 gives encoder MLPs no hidden units"):
+        ViTVQConfig.from_preset("tiny", mlp_ratio=0.001)

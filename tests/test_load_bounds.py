@@ -89,6 +89,63 @@ def test_non_finite_weights_are_refused_naming_the_tensor(folder):
         ViTVQTokenizer.from_pretrained(folder)
 
 
+def test_float64_beyond_float32_range_is_refused_after_the_cast(folder):
+    state = load_file(folder / "model.safetensors")
+    state["decoder.to_pixels.weight"] = state["decoder.to_pixels.weight"].double()
+    state["decoder.to_pixels.weight"][0, :3] = 1e300  # finite in float64, Inf in float32
+    save_file(state, folder / "model.safetensors")
+    assert torch.isfinite(load_file(folder / "model.safetensors")["decoder.to_pixels.weight"]).all()
+    named = r"\[decoder\.to_pixels\.weight \(3 of 3072\)\]"
+    with pytest.raises(ValueError, match=rf"NaN/Inf weights once cast to the model's dtype .* in {named}"):
+        ViTVQTokenizer.from_pretrained(folder)
+
+
+def test_float64_within_range_loads_as_the_float32_it_rounds_to(folder):
+    state = load_file(folder / "model.safetensors")
+    wide = {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
+    save_file(wide, folder / "model.safetensors")
+    loaded = ViTVQTokenizer.from_pretrained(folder).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.bool])
+def test_an_integer_tensor_for_a_float_parameter_is_refused_naming_it(folder, dtype):
+    state = load_file(folder / "model.safetensors")
+    state["quantizer.embed"] = state["quantizer.embed"].to(dtype)
+    save_file(state, folder / "model.safetensors")
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ValueError, match=rf"dtypes the model cannot take: \[quantizer\.embed: file {name} vs model float32\]"):
+        ViTVQTokenizer.from_pretrained(folder)
+
+
+def test_a_float_tensor_for_the_bool_buffer_is_refused(folder):
+    state = load_file(folder / "model.safetensors")
+    state["quantizer.initialized"] = state["quantizer.initialized"].float()
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"\[quantizer\.initialized: file float32 vs model bool\]"):
+        ViTVQTokenizer.from_pretrained(folder)
+
+
+def test_weights_beyond_the_range_of_torch_dtype_are_refused(folder):
+    state = load_file(folder / "model.safetensors")
+    state["encoder.patch_embed.weight"][0, 0, 0, 0] = 1e5  # float32 fine, float16 Inf
+    save_file(state, folder / "model.safetensors")
+    assert ViTVQTokenizer.from_pretrained(folder, torch_dtype=torch.bfloat16) is not None
+    with pytest.raises(ValueError, match=r"once cast to torch_dtype=torch\.float16 .* \[encoder\.patch_embed\.weight \(1 of"):
+        ViTVQTokenizer.from_pretrained(folder, torch_dtype=torch.float16)
+
+
+def test_the_packaged_default_stores_float16_and_still_loads_bit_for_bit():
+    from vit_vq.default_model import default_model_dir
+
+    stored = load_file(default_model_dir() / "model.safetensors")
+    assert {v.dtype for v in stored.values()} >= {torch.float16, torch.float32}
+    loaded = ViTVQTokenizer.from_pretrained("vit_vq:default").state_dict()
+    assert loaded.keys() == stored.keys()
+    assert all(loaded[k].dtype == (torch.bool if v.dtype == torch.bool else torch.float32) for k, v in stored.items())
+    assert all(torch.equal(loaded[k], v.to(loaded[k].dtype)) for k, v in stored.items())
+
+
 @pytest.mark.parametrize(
     "text, match",
     [

@@ -169,3 +169,114 @@ def test_user_files_are_carried_as_links_not_copies(tmp_path):
     assert (folder / "data.bin").stat().st_ino == inode  # hard-linked, no second copy of the data
     assert (folder / "latest").is_symlink() and os.readlink(folder / "latest") == "sub"
     assert (folder / "sub" / "a.txt").read_text() == "a"
+
+
+def _crash_between_the_renames(folder: Path) -> Path:
+    """The state a crash between the two renames leaves: `mv <folder> .<name>.old-1234` (no new copy yet)."""
+    old = folder.with_name(f".{folder.name}.old-1234")
+    os.replace(folder, old)
+    return old
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("the Hub was called"))
+
+
+@pytest.mark.parametrize("name", ["sc/m", "m"])
+def test_a_hub_shaped_name_of_a_folder_lost_mid_save_is_recovered(tmp_path, monkeypatch, no_hub, name):
+    monkeypatch.chdir(tmp_path)
+    tok = _tiny(2)
+    tok.save_pretrained(name)
+    _crash_between_the_renames(Path(name))
+    loaded = ViTVQTokenizer.from_pretrained(name)
+    assert torch.equal(loaded.quantizer.embed, tok.quantizer.embed)
+    assert Path(name).is_dir() and _leftovers(tmp_path / name) == []
+
+
+def test_a_hub_shaped_name_with_only_a_stale_temporary_still_goes_to_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sc").mkdir()
+    (tmp_path / "sc" / ".m.tmp-killed1").mkdir()  # a first save that never finished: nothing to restore
+    def download(repo_id, **kwargs):
+        raise LookupError(f"asked the Hub for {repo_id}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.raises(LookupError, match="asked the Hub for sc/m"):
+        ViTVQTokenizer.from_pretrained("sc/m")
+
+
+@pytest.mark.parametrize("spelling", ["./sc/link", "sc/link"])
+def test_a_link_to_a_folder_lost_mid_save_is_followed_and_recovered(tmp_path, monkeypatch, no_hub, spelling):
+    monkeypatch.chdir(tmp_path)
+    tok = _tiny(3)
+    tok.save_pretrained("sc/m")
+    (tmp_path / "sc" / "link").symlink_to("m")
+    _crash_between_the_renames(tmp_path / "sc" / "m")
+    assert os.path.lexists(spelling) and not os.path.exists(spelling)  # dangling until recovered
+    loaded = ViTVQTokenizer.from_pretrained(spelling)
+    assert torch.equal(loaded.quantizer.embed, tok.quantizer.embed)
+    assert (tmp_path / "sc" / "m").is_dir() and (tmp_path / "sc" / "link").is_symlink()
+
+
+def test_a_250_character_folder_name_saves_twice_and_loads(tmp_path):
+    from vit_vq.saving import lock_path
+
+    folder = tmp_path / ("n" * 250)
+    _tiny(1).save_pretrained(folder)
+    (folder / "notes.txt").write_text("keep me")
+    tok = _tiny(4)
+    tok.save_pretrained(folder)  # swaps through the hidden .old-* / .trash-* names
+    assert torch.equal(ViTVQTokenizer.from_pretrained(folder).quantizer.embed, tok.quantizer.embed)
+    assert (folder / "notes.txt").read_text() == "keep me"
+    hidden = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert hidden == [lock_path(folder).name] and len(hidden[0]) <= 255
+    assert lock_path(tmp_path / ("n" * 249 + "x")) != lock_path(folder)  # long names differ by their hash
+
+
+def test_a_250_character_folder_lost_mid_save_is_recovered(tmp_path):
+    folder = tmp_path / ("é" * 120)  # 240 bytes in UTF-8
+    tok = _tiny(5)
+    tok.save_pretrained(folder)
+    from vit_vq.saving import stem
+
+    os.replace(folder, tmp_path / f".{stem(folder)}.old-1234")
+    assert torch.equal(ViTVQTokenizer.from_pretrained(folder).quantizer.embed, tok.quantizer.embed)
+
+
+def test_a_readme_the_user_wrote_survives_saves_byte_identical(tmp_path):
+    folder = tmp_path / "m"
+    _tiny().save_pretrained(folder)
+    mine = b"# My tokenizer\n\nlibrary_name: vit_vq (notes I wrote by hand)\n" + bytes(range(256))
+    (folder / "README.md").write_bytes(mine)
+    _tiny(1, codebook_size=128).save_pretrained(folder)
+    assert (folder / "README.md").read_bytes() == mine
+    assert ViTVQTokenizer.from_pretrained(folder).config.codebook_size == 128
+    _tiny(1).save_pretrained(folder, model_card_kwargs={"extra": "asked for"})  # an explicit card replaces it
+    assert "asked for" in (folder / "README.md").read_text()
+
+
+def test_our_own_card_is_refreshed_by_the_next_save(tmp_path):
+    folder = tmp_path / "m"
+    _tiny().save_pretrained(folder)
+    assert "codebook of 256 codes" in (folder / "README.md").read_text()
+    _tiny(1, codebook_size=128).save_pretrained(folder)
+    assert "codebook of 128 codes" in (folder / "README.md").read_text()
+
+
+@pytest.mark.timeout(60)
+def test_a_readme_that_is_a_fifo_or_a_link_is_kept_and_never_opened(tmp_path):
+    folder = tmp_path / "m"
+    _tiny().save_pretrained(folder)
+    (folder / "README.md").unlink()
+    os.mkfifo(folder / "README.md")  # opening it would block: has_user_card only lstat()s it
+    _tiny(1).save_pretrained(folder)
+    assert (folder / "README.md").is_fifo()
+    (folder / "README.md").unlink()
+    (folder / "README.md").symlink_to("/etc/hostname")
+    _tiny(2).save_pretrained(folder)
+    assert os.readlink(folder / "README.md") == "/etc/hostname"

@@ -35,6 +35,16 @@ MAX_SIZES: dict[str, int] = {
 MAX_GRID_SIZE = 256  # tokens per side
 MAX_CODEBOOK_ELEMENTS = 2**28  # codebook_size * codebook_dim: 1 GiB per float32 codebook buffer
 MAX_MLP_RATIO = 64.0
+# Ranges (inclusive) of the float fields: outside them a tokenizer outputs NaN or all-equal codes
+# (layer_norm_eps -1, 0 or 1e300), or training diverges; bounds below 1e-12 would round to 0 in float32
+# arithmetic at some step. dead_code_threshold is further capped at 1.0 under the "relative" rule.
+FLOAT_RANGES: dict[str, tuple[float, float]] = {
+    "layer_norm_eps": (1e-12, 0.1),
+    "ema_eps": (1e-12, 1.0),
+    "commitment_beta": (0.0, 100.0),
+    "perceptual_weight": (0.0, 100.0),
+    "dead_code_threshold": (0.0, 1e9),
+}
 DecoderHead = Literal["pixel_shuffle", "conv_upsample"]
 QuantizerGradient = Literal["ste", "rotation"]
 DeadCodeRule = Literal["relative", "absolute"]
@@ -150,16 +160,24 @@ class ViTVQConfig:
                 raise ValueError(f"{part}_width ({width}) must be divisible by {part}_heads ({heads})")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        if self.ema_eps <= 0:
-            raise ValueError(f"ema_eps must be > 0, got {self.ema_eps}")
-        if self.commitment_beta < 0:
-            raise ValueError(f"commitment_beta must be >= 0, got {self.commitment_beta}")
-        if self.dead_code_threshold < 0:
-            raise ValueError(f"dead_code_threshold must be >= 0, got {self.dead_code_threshold}")
+        for name, (low, high) in FLOAT_RANGES.items():
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(
+                    f"{name} must be in [{low:g}, {high:g}] (vit_vq.config.FLOAT_RANGES), got {getattr(self, name)!r}"
+                )
+        if self.dead_code_rule == "relative" and self.dead_code_threshold > 1.0:
+            raise ValueError(
+                f"dead_code_threshold must be <= 1 under dead_code_rule 'relative' (a fraction of the mean code's "
+                f"usage), got {self.dead_code_threshold}"
+            )
         if not 0 < self.mlp_ratio <= MAX_MLP_RATIO:
             raise ValueError(f"mlp_ratio must be in (0, {MAX_MLP_RATIO}] (vit_vq.config.MAX_MLP_RATIO), got {self.mlp_ratio}")
-        if self.perceptual_weight < 0:
-            raise ValueError(f"perceptual_weight must be >= 0, got {self.perceptual_weight}")
+        for part in ("encoder", "decoder"):
+            if round(getattr(self, f"{part}_width") * self.mlp_ratio) < 1:
+                raise ValueError(
+                    f"mlp_ratio {self.mlp_ratio} gives {part} MLPs no hidden units ({part}_width "
+                    f"{getattr(self, f'{part}_width')} * mlp_ratio rounds to 0)"
+                )
         heads = ("pixel_shuffle", "conv_upsample")
         if self.decoder_head not in heads:
             raise ValueError(f"decoder_head must be one of {heads}, got {self.decoder_head!r}")
@@ -284,5 +302,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 __all__ = [
     "ViTVQConfig", "PRESETS", "FORMAT_VERSION", "PixelConvention", "DecoderHead", "QuantizerGradient", "DeadCodeRule",
-    "MAX_SIZES", "MAX_GRID_SIZE", "MAX_CODEBOOK_ELEMENTS", "MAX_MLP_RATIO",
+    "MAX_SIZES", "MAX_GRID_SIZE", "MAX_CODEBOOK_ELEMENTS", "MAX_MLP_RATIO", "FLOAT_RANGES",
 ]

@@ -20,9 +20,14 @@ WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 MANAGED = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 
+# Written into every card vit_vq generates: a README.md without it is the user's, and a save keeps it.
+CARD_MARKER = "<!-- vit_vq model card: save_pretrained rewrites this file; remove this line to keep your edits -->"
+CARD_SNIFF_BYTES = 4096  # the marker sits in the first lines; only this much of a README is read
+
 CARD_TEMPLATE = """---
 {metadata}
 ---
+{marker}
 
 # {title}
 
@@ -50,6 +55,7 @@ def model_card(config: ViTVQConfig, repo_id: str | None = None, extra: str = "")
     )
     return CARD_TEMPLATE.format(
         metadata=data.to_yaml(),
+        marker=CARD_MARKER,
         title=repo_id or "ViT-VQ image tokenizer",
         repo_id=repo_id or "path/to/this/folder",
         codebook_size=config.codebook_size,
@@ -58,6 +64,11 @@ def model_card(config: ViTVQConfig, repo_id: str | None = None, extra: str = "")
         grid=config.grid_size,
         extra=extra,
     )
+
+
+def is_generated_card(head: bytes) -> bool:
+    """Whether the first `CARD_SNIFF_BYTES` of a README.md are a card `model_card` wrote."""
+    return CARD_MARKER.encode() in head
 
 
 def current_umask() -> int:
@@ -84,8 +95,9 @@ def resolve_model_name(name: str | Path) -> str | Path:
     """Where a model name points, without any network call: a local folder (`Path`) or a Hub id (`str`).
 
     - `vit_vq:default`: the tokenizer bundled with the package (`vit_vq.default_model`);
-    - a `Path`, an existing path, or a path-shaped string (see `looks_local`): a local folder. A
-      folder lost to a crash mid-save is restored first (`vit_vq.saving.recover`);
+    - a `Path`, an existing path, a path-shaped string (see `looks_local`), or any name whose
+      folder (through symlinks) was lost to a crash mid-save and whose old copy lies beside it:
+      a local folder, restored first in the last case (`vit_vq.saving.recover`);
     - anything else: a Hub repo id.
 
     Raises:
@@ -101,11 +113,11 @@ def resolve_model_name(name: str | Path) -> str | Path:
         from .default_model import default_model_dir
 
         return default_model_dir()
-    path = Path(text).expanduser()
-    if isinstance(name, Path) or path.exists() or looks_local(text):
-        if not os.path.lexists(path):
-            from .saving import recover
+    from .saving import lost_to_a_crash, recover
 
+    path = Path(text).expanduser()
+    if isinstance(name, Path) or path.exists() or looks_local(text) or lost_to_a_crash(path):
+        if not path.exists():  # missing, or a link to a folder that is missing
             recover(path)
         if not path.exists():
             raise FileNotFoundError(

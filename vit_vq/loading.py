@@ -8,7 +8,9 @@
    depths must equal the number of stored blocks.
 3. The model is built on the `meta` device (no memory) and every expected tensor shape is
    compared with the stored one. Only then are the weights read and the real model built.
-4. Floating-point weights must be finite; the first bad tensors are named.
+4. Every stored tensor must have a dtype its parameter takes without surprise (any float for a
+   float parameter, the exact dtype otherwise) and be finite AFTER the cast into the model's
+   dtype (a float64 1e300 becomes Inf in float32); the first bad tensors are named.
 
 Every error names the file, is one line, and lists at most `MAX_LISTED` keys before a count.
 Nothing is unpickled: only `model.safetensors` is read.
@@ -161,10 +163,10 @@ def mismatch(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, 
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file on the CPU and refuse non-finite floating-point tensors.
+    """Load a safetensors file on the CPU, as stored (see `cast_to_model` for the value checks).
 
     Raises:
-        ValueError: a truncated or corrupted file, or tensors holding NaN/Inf (named).
+        ValueError: a truncated or corrupted file.
         PermissionError: the file cannot be read.
     """
     from safetensors import SafetensorError
@@ -172,31 +174,76 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
     size = check_regular_file(path)
     try:
-        state = load_file(path, device="cpu")
+        return load_file(path, device="cpu")
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise ValueError(f"{path} ({size} bytes) is truncated or corrupted and cannot be read as safetensors: {err}") from None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: Path, where: str = "") -> None:
+    """Refuse floating-point tensors holding NaN/Inf, naming the first few and their counts.
+
+    Raises:
+        ValueError: `<source> holds NaN/Inf weights<where> in [name (bad of numel), ...]`.
+    """
     bad = [
         f"{k} ({int((~torch.isfinite(t)).sum())} of {t.numel()})"
-        for k, t in sorted(state.items())
+        for k, t in sorted(tensors.items())
         if t.is_floating_point() and not bool(torch.isfinite(t).all())
     ]
     if bad:
-        raise ValueError(f"{path} holds NaN/Inf weights in {listing(bad)}; refusing to load a tokenizer that would output NaN")
-    return state
+        raise ValueError(
+            f"{source} holds NaN/Inf weights{where} in {listing(bad)}; refusing to load a tokenizer that would output NaN"
+        )
+
+
+def cast_to_model(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """The stored tensors cast to the dtypes of `model`'s state, checked before and after the cast.
+
+    A float parameter takes any stored float dtype (the packaged default stores float16); an
+    integer, bool or complex tensor for it is refused, and so is any other dtype for a non-float
+    buffer. Values must be finite as stored and after the cast (float64 1e300 -> float32 Inf).
+
+    Raises:
+        ValueError: wrong dtypes, or non-finite values; names a few tensors of each.
+    """
+    expected = model.state_dict()
+
+    def takes(t: torch.Tensor, e: torch.Tensor) -> bool:
+        return t.is_floating_point() and e.is_floating_point() or t.dtype == e.dtype
+
+    wrong = [
+        f"{k}: file {_dtype_name(t.dtype)} vs model {_dtype_name(expected[k].dtype)}"
+        for k, t in sorted(state.items())
+        if k in expected and not takes(t, expected[k])
+    ]
+    if wrong:
+        raise ValueError(
+            f"the weights in {source} have dtypes the model cannot take: {listing(wrong)}; "
+            "float parameters take float16, bfloat16, float32 or float64 tensors"
+        )
+    check_finite(state, source)
+    cast = {k: t.to(expected[k].dtype) if k in expected else t for k, t in state.items()}
+    check_finite(cast, source, " once cast to the model's dtype (stored values beyond its range)")
+    return cast
 
 
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """`load_state_dict(strict=True)` with errors that name the bad keys and shapes.
+    """`load_state_dict(strict=True)` of the checked, cast tensors, with errors that name them.
 
     Raises:
-        ValueError: missing or unexpected keys, or shape mismatches.
+        ValueError: missing or unexpected keys, shape mismatches, wrong dtypes or non-finite values.
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     mismatch(expected, {k: tuple(v.shape) for k, v in state.items()}, source)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(cast_to_model(model, state, source), strict=True)
 
 
 __all__ = [
-    "read_config", "read_header", "check_header", "read_weights", "load_state_strict", "check_regular_file",
+    "read_config", "read_header", "check_header", "read_weights", "load_state_strict", "cast_to_model", "check_finite",
+    "check_regular_file",
     "listing", "MAX_CONFIG_BYTES", "MAX_LISTED",
 ]

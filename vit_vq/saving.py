@@ -9,13 +9,17 @@ renames (`<name>` -> `.<name>.old-*`, tmp -> `<name>`) and deletes the old copy.
   missing: after a crash between the two renames, the old copy is restored; stale temporaries
   and half-deleted old copies are removed;
 - a target that is the current working folder, or holds it, is refused (the swap would detach
-  the caller's folder); a symlinked target is followed to its real folder, the link stays.
+  the caller's folder); a symlinked target is followed to its real folder, the link stays;
+- a folder name too long for the hidden names (`MAX_STEM_BYTES`) is shortened in them, with a hash;
+- a `README.md` that vit_vq did not write (no `hub.CARD_MARKER`) is kept, unless a card is asked for.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -26,15 +30,34 @@ from filelock import FileLock, Timeout
 from torch import nn
 
 from .config import ViTVQConfig
-from .hub import CARD_NAME, CONFIG_NAME, MANAGED, WEIGHTS_NAME, current_umask
+from .hub import CARD_NAME, CARD_SNIFF_BYTES, CONFIG_NAME, MANAGED, WEIGHTS_NAME, current_umask, is_generated_card
 
 LOCK_TIMEOUT_S = 600.0
 _TMP, _OLD, _TRASH = "tmp", "old", "trash"
+# `.<stem>.trash-<8 hex>` must fit in a 255-byte file name: longer folder names are cut to
+# `SHORT_STEM_BYTES` and followed by a hash of the whole name.
+MAX_STEM_BYTES = 200
+SHORT_STEM_BYTES = 160
+
+
+def stem(directory: Path) -> str:
+    """The folder's name as its hidden siblings spell it: the name, or a prefix + hash when too long."""
+    name = directory.name
+    if len(os.fsencode(name)) <= MAX_STEM_BYTES:
+        return name
+    short = name
+    while len(os.fsencode(short)) > SHORT_STEM_BYTES:
+        short = short[:-1]
+    return f"{short}~{hashlib.sha256(os.fsencode(name)).hexdigest()[:16]}"
+
+
+def _sibling(directory: Path, suffix: str) -> Path:
+    return directory.with_name(f".{stem(directory)}.{suffix}")
 
 
 def lock_path(directory: Path) -> Path:
-    """The lock file of `directory`: `.<name>.lock` beside it."""
-    return directory.with_name(f".{directory.name}.lock")
+    """The lock file of `directory`: `.<name>.lock` beside it (see `stem` for long names)."""
+    return _sibling(directory, "lock")
 
 
 def folder_lock(directory: Path) -> FileLock:
@@ -44,7 +67,7 @@ def folder_lock(directory: Path) -> FileLock:
 
 def _hidden(directory: Path, kind: str) -> list[Path]:
     """The `.<name>.<kind>-*` siblings of `directory` (none when its parent cannot be listed)."""
-    prefix = f".{directory.name}.{kind}-"
+    prefix = f".{stem(directory)}.{kind}-"
     try:
         return [p for p in directory.parent.iterdir() if p.name.startswith(prefix)]
     except OSError:
@@ -60,7 +83,7 @@ def _remove(path: Path) -> None:
 
 def _discard(old: Path, directory: Path) -> None:
     """Delete an old copy, renamed to `.trash-*` first so that an `.old-*` copy is whole or gone."""
-    trash = directory.with_name(f".{directory.name}.{_TRASH}-{uuid.uuid4().hex[:8]}")
+    trash = _sibling(directory, f"{_TRASH}-{uuid.uuid4().hex[:8]}")
     try:
         os.replace(old, trash)
     except FileNotFoundError:
@@ -92,15 +115,26 @@ def has_leftovers(directory: Path) -> bool:
     return any(_hidden(directory, kind) for kind in (_TMP, _OLD, _TRASH))
 
 
+def real_folder(directory: str | Path) -> Path:
+    """The folder a save into `directory` renames: `~` expanded, symlinks followed (even dangling ones)."""
+    return Path(os.path.realpath(Path(directory).expanduser()))
+
+
+def lost_to_a_crash(directory: str | Path) -> bool:
+    """Whether the real folder of `directory` is missing and an old copy from an interrupted save lies beside it."""
+    real = real_folder(directory)
+    return not os.path.lexists(real) and bool(_hidden(real, _OLD))
+
+
 def recover(directory: str | Path) -> bool:
-    """Finish or undo an interrupted save of `directory`, under its lock.
+    """Finish or undo an interrupted save of `directory` (symlinks followed), under its lock.
 
     Returns True when a missing folder was restored from the copy a crash left behind.
 
     Raises:
         TimeoutError: another process held the folder's lock for `LOCK_TIMEOUT_S` seconds.
     """
-    directory = Path(directory).expanduser().absolute()
+    directory = real_folder(directory)
     if not has_leftovers(directory):
         return False
     with _locked(directory):
@@ -130,7 +164,7 @@ def check_target(directory: str | Path) -> Path:
     Raises:
         ValueError: the folder is the current working folder or holds it, or is not a folder.
     """
-    target = Path(os.path.realpath(Path(directory).expanduser()))
+    target = real_folder(directory)
     cwd = Path.cwd().resolve()
     if target == cwd or target in cwd.parents:
         where = "is the current working folder" if target == cwd else f"holds the current working folder {cwd}"
@@ -151,10 +185,10 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst, follow_symlinks=False)
 
 
-def _carry_user_files(directory: Path, tmp: Path) -> None:
-    """Files of other names already in `directory` go into the new folder too (symlinks stay links)."""
+def _carry_user_files(directory: Path, tmp: Path, written: tuple[str, ...]) -> None:
+    """Files other than `written` already in `directory` go into the new folder too (symlinks stay links)."""
     for item in directory.iterdir():
-        if item.name in MANAGED:
+        if item.name in written:
             continue
         dest = tmp / item.name
         if item.is_dir() and not item.is_symlink():
@@ -163,10 +197,28 @@ def _carry_user_files(directory: Path, tmp: Path) -> None:
             _link_or_copy(str(item), str(dest))
 
 
-def save_folder(model: nn.Module, config: ViTVQConfig, directory: str | Path, *, card: str) -> Path:
+def has_user_card(directory: Path) -> bool:
+    """Whether `directory` holds a README.md that vit_vq did not write (anything but a regular file
+    whose first `CARD_SNIFF_BYTES` carry `hub.CARD_MARKER`; it is not read further, nor followed if a link)."""
+    path = directory / CARD_NAME
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return True
+        with open(path, "rb") as fh:
+            return not is_generated_card(fh.read(CARD_SNIFF_BYTES))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
+def save_folder(
+    model: nn.Module, config: ViTVQConfig, directory: str | Path, *, card: str, replace_card: bool = False
+) -> Path:
     """Atomically write `config.json`, `model.safetensors` and `README.md` into `directory`.
 
-    Files of other names already in `directory` are kept. Returns the real folder written.
+    Files of other names already in `directory` are kept, and so is a README.md vit_vq did not
+    write (see `has_user_card`) unless `replace_card`. Returns the real folder written.
 
     Raises:
         ValueError: `directory` is the current working folder or holds it, or is not a folder.
@@ -176,9 +228,10 @@ def save_folder(model: nn.Module, config: ViTVQConfig, directory: str | Path, *,
     directory.parent.mkdir(parents=True, exist_ok=True)
     with _locked(directory):
         _recover_locked(directory)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.{_TMP}-", dir=directory.parent))
+        keep_card = not replace_card and has_user_card(directory)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{stem(directory)}.{_TMP}-", dir=directory.parent))
         try:
-            _write(model, config, card, directory, tmp)
+            _write(model, config, None if keep_card else card, directory, tmp)
             _swap_in(tmp, directory)
         except BaseException:
             _remove(tmp)
@@ -186,7 +239,8 @@ def save_folder(model: nn.Module, config: ViTVQConfig, directory: str | Path, *,
     return directory
 
 
-def _write(model: nn.Module, config: ViTVQConfig, card: str, directory: Path, tmp: Path) -> None:
+def _write(model: nn.Module, config: ViTVQConfig, card: str | None, directory: Path, tmp: Path) -> None:
+    """Write the files into `tmp`, then carry the user's files (and README.md when `card` is None)."""
     from safetensors.torch import save_file
 
     umask = current_umask()
@@ -194,13 +248,15 @@ def _write(model: nn.Module, config: ViTVQConfig, card: str, directory: Path, tm
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "library": "vit_vq"})
     (tmp / CONFIG_NAME).write_text(config.to_json())
-    (tmp / CARD_NAME).write_text(card)
-    for name in MANAGED:
+    written = MANAGED if card is not None else (CONFIG_NAME, WEIGHTS_NAME)
+    if card is not None:
+        (tmp / CARD_NAME).write_text(card)
+    for name in written:
         with open(tmp / name, "rb") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp / name, 0o666 & ~umask)  # safetensors writes 0600
     if directory.exists():
-        _carry_user_files(directory, tmp)
+        _carry_user_files(directory, tmp, written)
 
 
 def _swap_in(tmp: Path, directory: Path) -> None:
@@ -208,7 +264,7 @@ def _swap_in(tmp: Path, directory: Path) -> None:
     if not directory.exists():
         os.replace(tmp, directory)
         return
-    old = directory.with_name(f".{directory.name}.{_OLD}-{uuid.uuid4().hex[:8]}")
+    old = _sibling(directory, f"{_OLD}-{uuid.uuid4().hex[:8]}")
     os.replace(directory, old)
     try:
         os.replace(tmp, directory)
@@ -228,4 +284,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["save_folder", "recover", "check_target", "folder_lock", "lock_path", "has_leftovers", "LOCK_TIMEOUT_S"]
+__all__ = [
+    "save_folder", "recover", "check_target", "folder_lock", "lock_path", "has_leftovers", "lost_to_a_crash",
+    "real_folder", "has_user_card", "stem", "LOCK_TIMEOUT_S", "MAX_STEM_BYTES",
+]

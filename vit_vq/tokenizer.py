@@ -238,8 +238,10 @@ class ViTVQTokenizer(
         """Atomically write `config.json`, `model.safetensors` and a model card into `save_directory`.
 
         Saves into one folder are serialised by a lock file beside it (`.<name>.lock`); files of
-        other names in the folder are kept; a symlinked folder is written through the link. A save
-        interrupted by a crash is undone on the next save or load (see `vit_vq.saving`).
+        other names in the folder are kept, and so is a README.md that vit_vq did not write
+        (replaced only when `model_card_kwargs` is given); a symlinked folder is written through
+        the link. A save interrupted by a crash is undone on the next save or load (see
+        `vit_vq.saving`).
         `config` is accepted for `PyTorchModelHubMixin.push_to_hub` compatibility and ignored:
         the saved config is always `self.config`.
 
@@ -251,7 +253,7 @@ class ViTVQTokenizer(
 
         extra = (model_card_kwargs or {}).get("extra", "")
         card = hub.model_card(self.config, repo_id=repo_id, extra=extra)
-        save_folder(self, self.config, save_directory, card=card)
+        save_folder(self, self.config, save_directory, card=card, replace_card=model_card_kwargs is not None)
         if push_to_hub:
             return self.push_to_hub(repo_id or Path(save_directory).name, **push_to_hub_kwargs)
         return None
@@ -289,7 +291,8 @@ class ViTVQTokenizer(
             FileNotFoundError: no such folder, a folder without the files, or a Hub repo/file not found.
             PermissionError: a file that cannot be read.
             ValueError: an unknown `vit_vq:` name, `strict=False`, a bad `config.json`, weights that
-                are corrupted, non-finite or do not match the config, or a non-float `torch_dtype`.
+                are corrupted, of a dtype their parameter cannot take, non-finite (as stored, in
+                float32, or in `torch_dtype`) or do not match the config, or a non-float `torch_dtype`.
         """
         from . import loading
 
@@ -315,6 +318,8 @@ class ViTVQTokenizer(
         if torch_dtype is not None:
             model.encoder.to(torch_dtype)
             model.decoder.to(torch_dtype)
+            cast = {f"{part}.{k}": v for part in ("encoder", "decoder") for k, v in getattr(model, part).state_dict().items()}
+            loading.check_finite(cast, weights_path, f" once cast to torch_dtype={torch_dtype} (values beyond its range)")
         return model
 
     @classmethod
