@@ -96,6 +96,8 @@ def test_own_encoder_on_real_photos_trains_with_backward():
         ((), {"dim": 8, "codebook_size": 16, "ema_decay": 1.0}, ValueError, "ema_decay"),
         ((), {"dim": 8, "codebook_size": 0}, ValueError, "codebook_size"),
         ((), {"dim": 8, "codebook_size": 16, "gradient": "gumbel"}, ValueError, "gradient"),
+        ((), {"dim": 8, "codebook_size": 16, "ema_eps": 1e300}, ValueError, "ema_eps must be in"),
+        ((), {"dim": 8, "codebook_size": 16, "commitment_beta": -1.0}, ValueError, "commitment_beta must be in"),
     ],
 )
 def test_bad_constructions_raise(args, kwargs, error, match):

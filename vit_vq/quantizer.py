@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .config import DeadCodeRule, QuantizerGradient, ViTVQConfig
+from .config import FLOAT_RANGES, DeadCodeRule, QuantizerGradient, ViTVQConfig
 from .ops import codebook_statistics, nearest_code
 
 Metric = Literal["l2", "cosine"]
@@ -75,12 +75,10 @@ class QuantizerConfig:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        if self.ema_eps <= 0:
-            raise ValueError(f"ema_eps must be > 0, got {self.ema_eps}")
-        if self.commitment_beta < 0 or self.dead_code_threshold < 0:
-            raise ValueError(
-                f"commitment_beta and dead_code_threshold must be >= 0, got {self.commitment_beta} and {self.dead_code_threshold}"
-            )
+        for name in ("ema_eps", "commitment_beta", "dead_code_threshold"):  # the tokenizer config's ranges
+            low, high = FLOAT_RANGES[name]
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"{name} must be in [{low:g}, {high:g}] (vit_vq.config.FLOAT_RANGES), got {getattr(self, name)!r}")
         if self.quantizer_gradient not in ("ste", "rotation"):
             raise ValueError(f"gradient must be 'ste' or 'rotation', got {self.quantizer_gradient!r}")
         if self.dead_code_rule not in ("relative", "absolute"):
