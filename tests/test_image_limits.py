@@ -123,3 +123,26 @@ def test_the_environment_sets_the_limit_for_new_processes(tmp_path):
     command = [sys.executable, "-c", CHILD_LOAD, str(tmp_path / "a.png")]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert "400 pixels, above the limit of 399" in done.stdout, done.stderr[-2000:]
+
+
+def test_the_environment_is_read_at_each_load(tmp_path, monkeypatch):
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    monkeypatch.setenv("VIT_VQ_MAX_IMAGE_PIXELS", "399")
+    with pytest.raises(ValueError, match="400 pixels, above the limit of 399"):
+        load_image(tmp_path / "a.png")
+    monkeypatch.setenv("VIT_VQ_MAX_ASPECT_RATIO", "0")
+    with pytest.raises(ValueError, match="^the environment variable VIT_VQ_MAX_ASPECT_RATIO must be a positive integer, got '0'"):
+        ImageFolder(tmp_path)  # the job's error, before any image is loaded
+
+
+def test_a_malformed_limit_in_the_environment_is_a_one_line_command_error(tmp_path, tiny_tokenizer_dir):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    env = {**os.environ, "VIT_VQ_MAX_IMAGE_PIXELS": "abc"}
+    command = [sys.executable, "-m", "vit_vq", "encode", str(tmp_path / "a.png"), "-o", str(tmp_path / "codes.safetensors"),
+               "--model", str(tiny_tokenizer_dir), "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [
+        "vit-vq encode: error: the environment variable VIT_VQ_MAX_IMAGE_PIXELS must be a positive integer, got 'abc'"
+    ]
+    assert not (tmp_path / "codes.safetensors").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,23 +25,45 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "DIB", "GIF", "WEBP", "TIFF", "PPM", "AVIF")
 
 
+# Refused from the header, before any pixel is decoded. 2**26 pixels (8192 x 8192) cost at
+# most ~1.3 GiB while loading (measured up to 20.2 bytes per pixel, for 32-bit TIFFs; 19.1
+# for RGB/RGBA/CMYK: decode, converted copy, float32 tensor; see docs/security.md). Pillow's own
+# `PIL.Image.MAX_IMAGE_PIXELS` (~179 M pixels refused, ~89 M warned) still applies on top.
+DEFAULT_MAX_IMAGE_PIXELS = 2**26
+# Long side / short side. Scaling a short side to S px needs S * S * ratio * 12 bytes, so at
+# most 25 MB at S = 256 (a 1 x 60000 strip would need 11 GB at S = 128).
+DEFAULT_MAX_ASPECT_RATIO = 32
+# Set these to override the defaults in code; left at None, the environment variables
+# VIT_VQ_MAX_IMAGE_PIXELS / VIT_VQ_MAX_ASPECT_RATIO (read at every load), else the defaults, apply.
+MAX_IMAGE_PIXELS: int | None = None
+MAX_ASPECT_RATIO: int | None = None
+
+
+def image_limits() -> tuple[int, int]:
+    """The `(max_pixels, max_aspect_ratio)` images are checked against, read now.
+
+    `MAX_IMAGE_PIXELS` / `MAX_ASPECT_RATIO` when set, else the `VIT_VQ_MAX_IMAGE_PIXELS` /
+    `VIT_VQ_MAX_ASPECT_RATIO` environment variables when set, else 2**26 pixels and 32:1.
+
+    Raises:
+        ValueError: an environment variable that is not a positive integer (naming it and its value).
+    """
+    pixels = _positive_from_env("VIT_VQ_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)  # checked even when overridden
+    ratio = _positive_from_env("VIT_VQ_MAX_ASPECT_RATIO", DEFAULT_MAX_ASPECT_RATIO)
+    return (
+        pixels if MAX_IMAGE_PIXELS is None else MAX_IMAGE_PIXELS,
+        ratio if MAX_ASPECT_RATIO is None else MAX_ASPECT_RATIO,
+    )
+
+
 def _positive_from_env(name: str, default: int) -> int:
     value = os.environ.get(name, "").strip()
     if not value:
         return default
-    if not value.isdigit() or int(value) <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not (value.isascii() and value.isdigit()) or int(value) <= 0:
+        raise ValueError(f"the environment variable {name} must be a positive integer, got {value!r}")
     return int(value)
 
-
-# Refused from the header, before any pixel is decoded. 2**26 pixels (8192 x 8192) cost at
-# most ~1.2 GB while loading (~18 bytes per pixel: decode, RGB copy, float32 tensor);
-# raise it (or set VIT_VQ_MAX_IMAGE_PIXELS) for bigger photos. Pillow's own
-# `PIL.Image.MAX_IMAGE_PIXELS` (~179 M pixels refused, ~89 M warned) still applies on top.
-MAX_IMAGE_PIXELS = _positive_from_env("VIT_VQ_MAX_IMAGE_PIXELS", 2**26)
-# Long side / short side. Scaling a short side to S px needs S * S * ratio * 12 bytes, so at
-# most 25 MB at S = 256 (a 1 x 60000 strip would need 11 GB at S = 128).
-MAX_ASPECT_RATIO = _positive_from_env("VIT_VQ_MAX_ASPECT_RATIO", 32)
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -48,10 +71,11 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 def list_images(root: str | Path, *, include_all_files: bool = False) -> list[Path]:
     """Image files under `root`, recursively (hidden names skipped), sorted; `[root]` for a file.
 
-    With `include_all_files` every regular file is listed, so that unreadable ones can be
-    reported instead of silently ignored. A subfolder that cannot be read is listed too
-    (loading it raises a `ValueError` that says why), so that no image is skipped unseen.
-    Symlinked folders are not followed.
+    With `include_all_files` every entry that is not a folder is listed (FIFOs, sockets,
+    devices, links to them, broken links), so that unreadable ones can be reported instead of
+    silently ignored; without it, entries with an image extension are, whatever their type.
+    A subfolder that cannot be read is listed too (loading it raises a `ValueError` that
+    says why), so that no image is skipped unseen. Symlinked folders are not followed.
 
     Raises:
         FileNotFoundError: `root` does not exist.
@@ -64,35 +88,30 @@ def list_images(root: str | Path, *, include_all_files: bool = False) -> list[Pa
     found: list[Path] = []
     for folder, subfolders, names in os.walk(root, onerror=lambda err: found.append(Path(err.filename))):
         subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-        for name in names:
-            path = Path(folder) / name
-            if name.startswith(".") or not (include_all_files or path.suffix.lower() in IMAGE_EXTENSIONS):
-                continue
-            try:
-                regular = path.is_file()
-            except OSError:  # cannot even stat it: list it, and loading says why
-                regular = True
-            if regular:
-                found.append(path)
+        for name in names:  # every entry but folders (and links to folders): loading says what is wrong
+            if not name.startswith(".") and (include_all_files or Path(name).suffix.lower() in IMAGE_EXTENSIONS):
+                found.append(Path(folder) / name)
     return sorted(found)
 
 
 def check_image_size(width: int, height: int) -> None:
-    """Raise unless a `width` x `height` image is within `MAX_IMAGE_PIXELS` and `MAX_ASPECT_RATIO`.
+    """Raise unless a `width` x `height` image is within the limits of `image_limits()`.
 
     Raises:
-        ValueError: no pixels, too many pixels, or too elongated (the message names the limit).
+        ValueError: no pixels, too many pixels, or too elongated (the message names the limit);
+            a malformed limit in the environment.
     """
+    max_pixels, max_ratio = image_limits()
     if width <= 0 or height <= 0:
         raise ValueError(f"image is {width}x{height} px: it has no pixels")
-    if width * height > MAX_IMAGE_PIXELS:
+    if width * height > max_pixels:
         raise ValueError(
-            f"image is {width}x{height} px = {width * height:,} pixels, above the limit of {MAX_IMAGE_PIXELS:,} "
+            f"image is {width}x{height} px = {width * height:,} pixels, above the limit of {max_pixels:,} "
             "(vit_vq.data.MAX_IMAGE_PIXELS, or the VIT_VQ_MAX_IMAGE_PIXELS environment variable)"
         )
-    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+    if max(width, height) > max_ratio * min(width, height):
         raise ValueError(
-            f"image is {width}x{height} px, an aspect ratio above the limit of {MAX_ASPECT_RATIO}:1 "
+            f"image is {width}x{height} px, an aspect ratio above the limit of {max_ratio}:1 "
             "(vit_vq.data.MAX_ASPECT_RATIO, or the VIT_VQ_MAX_ASPECT_RATIO environment variable)"
         )
 
@@ -100,28 +119,81 @@ def check_image_size(width: int, height: int) -> None:
 def load_image(path: str | Path | io.BytesIO) -> torch.Tensor:
     """Read an image file (or its bytes) -> float `[3, H, W]` in [0, 1], exactly (see `to_tensor`).
 
-    The size is checked from the header before any pixel is decoded (`check_image_size`);
-    only `IMAGE_FORMATS` are opened; running out of memory is this image's error.
+    Only regular files are opened (links are followed): a FIFO, socket or device is refused
+    unopened, since reading it could block forever or never end. The size is checked from
+    the header before any pixel is decoded (`check_image_size`); only `IMAGE_FORMATS` are
+    opened; running out of memory is this image's error.
 
     Raises:
-        ValueError: the file is not a readable image, or is too large (the message says why).
+        ValueError: the file is not a readable image, not a regular file, empty, or too large
+            (the message says why); a malformed limit in the environment.
     """
     from PIL import Image, UnidentifiedImageError
 
     name = "image bytes" if isinstance(path, io.BytesIO) else str(path)
-    if not isinstance(path, io.BytesIO) and Path(path).is_dir():
-        raise ValueError(f"{name}: {_folder_error(Path(path))}")
+    image_limits()  # a malformed environment variable is the caller's error, whatever the file
     try:
-        with Image.open(path, formats=IMAGE_FORMATS) as im:
-            check_image_size(*im.size)
-            im.load()
-            return to_tensor(im)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, TypeError) as err:
+        if isinstance(path, io.BytesIO):
+            if path.seek(0, io.SEEK_END) == 0:
+                raise ValueError("empty image bytes")
+            return _decode(path)
+        with _open_regular_file(Path(path)) as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ValueError("an empty file")
+            return _decode(f)
+    except UnidentifiedImageError as err:  # its own message names the file object, not the file
+        known = ", ".join(IMAGE_FORMATS)
+        raise ValueError(f"{name}: not a readable image (UnidentifiedImageError: not identified as {known})") from err
+    except (Image.DecompressionBombError, OSError, SyntaxError, TypeError) as err:
         raise ValueError(f"{name}: not a readable image ({type(err).__name__}: {err})") from err
     except (MemoryError, RuntimeError) as err:  # an allocation failure is this image's, not the job's
         raise ValueError(f"{name}: out of memory while loading ({type(err).__name__}: {str(err)[:200]})") from err
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from err
+
+
+def _decode(f: io.BufferedReader | io.BytesIO) -> torch.Tensor:
+    """Decode an open image file: size checked from the header, then pixels (see `load_image`)."""
+    from PIL import Image
+
+    with Image.open(f, formats=IMAGE_FORMATS) as im:
+        check_image_size(*im.size)
+        im.load()
+        return to_tensor(im)
+
+
+# What `os.stat` says a path is, for files that are not regular.
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(path: Path, mode: int) -> str | None:
+    """Why `path` (of `os.stat` mode `mode`) cannot be read as an image file, or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return _folder_error(path)
+    kind = next((kind for test, kind in _FILE_KINDS if test(mode)), f"file type {stat.S_IFMT(mode):#o}")
+    return f"not a regular file: {kind}" + (" (through a symbolic link)" if path.is_symlink() else "")
+
+
+def _open_regular_file(path: Path) -> io.BufferedReader:
+    """Open `path` for reading if it is a regular file (links followed), else raise `ValueError` saying what it is.
+
+    Checked before opening (opening a FIFO blocks, opening a device can act on it) and again
+    on the open file, without blocking, so a file swapped in between is refused too.
+    """
+    reason = _not_regular(path, path.stat().st_mode)
+    if reason is None:
+        nonblocking = getattr(os, "O_NONBLOCK", 0)
+        f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | nonblocking))
+        reason = _not_regular(path, os.fstat(f.fileno()).st_mode)
+        if reason is None:
+            if nonblocking:
+                os.set_blocking(f.fileno(), True)
+            return f
+        f.close()
+    raise ValueError(reason)
 
 
 def _folder_error(folder: Path) -> str:
@@ -135,9 +207,14 @@ def _folder_error(folder: Path) -> str:
 
 
 class ImageFolder(Dataset):
-    """Images under a folder (recursive). Items are dicts; unreadable files carry an `error`."""
+    """Images under a folder (recursive). Items are dicts; unreadable files carry an `error`.
+
+    Raises:
+        FileNotFoundError: `root` does not exist. ValueError: a malformed limit in the environment.
+    """
 
     def __init__(self, root: str | Path, transform: Transform | None = None, *, include_all_files: bool = True):
+        image_limits()  # now, as the job's error, rather than as every image's
         self.root = Path(root).expanduser()
         self.files = list_images(self.root, include_all_files=include_all_files)
         self.transform = transform
@@ -161,7 +238,12 @@ class ImageFolder(Dataset):
 
 
 class HFImageDataset(Dataset):
-    """A Hugging Face `datasets` dataset (Hub name or local path) viewed through its image column."""
+    """A Hugging Face `datasets` dataset (Hub name or local path) viewed through its image column.
+
+    Raises:
+        ValueError: no such image or label column; a label column that does not hold integers;
+            a malformed limit in the environment.
+    """
 
     def __init__(
         self,
@@ -174,6 +256,7 @@ class HFImageDataset(Dataset):
     ):
         import datasets
 
+        image_limits()  # now, as the job's error, rather than as every row's
         path = Path(name_or_path).expanduser()
         if _is_saved_dataset(path):
             ds = datasets.load_from_disk(str(path))
@@ -182,6 +265,8 @@ class HFImageDataset(Dataset):
             ds = datasets.load_dataset(name_or_path, split=split)
         if image_column not in ds.column_names:
             raise ValueError(f"dataset has no image column {image_column!r}; its columns are {ds.column_names}")
+        if label_column is not None:
+            _check_label_column(ds, label_column)
         if isinstance(ds.features.get(image_column), datasets.Image):
             # decode in __getitem__'s try, so one corrupt row is skipped instead of raised
             ds = ds.cast_column(image_column, datasets.Image(decode=False))
@@ -196,9 +281,7 @@ class HFImageDataset(Dataset):
             row = self.ds[i]
             label = int(row[self.label_column]) if self.label_column else -1
             value = row[self.image_column]
-            if isinstance(value, dict):  # an undecoded image: {"bytes": ..., "path": ...}
-                value = load_image(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
-            img = to_tensor(value)
+            img = _load_cell(value) if isinstance(value, dict) else to_tensor(value)
             if self.transform is not None:
                 img = self.transform(img)
         except (ValueError, TypeError, OSError, KeyError) as err:
@@ -206,6 +289,30 @@ class HFImageDataset(Dataset):
         except (MemoryError, RuntimeError) as err:  # e.g. an allocation failure: this row's error, not the job's
             return {"pixels": None, "key": str(i), "label": label, "error": f"row {i}: {type(err).__name__}: {str(err)[:200]}"}
         return {"pixels": img, "key": str(i), "label": label, "error": None}
+
+
+def _load_cell(cell: dict[str, Any]) -> torch.Tensor:
+    """An undecoded `datasets.Image` cell `{"bytes": ..., "path": ...}` -> float `[3, H, W]`.
+
+    Its bytes when present (even empty: "empty image bytes"), else the file at its path.
+    """
+    if cell.get("bytes") is not None:
+        return load_image(io.BytesIO(cell["bytes"]))
+    if cell.get("path"):
+        return load_image(cell["path"])
+    raise ValueError("image cell has neither bytes nor a path")
+
+
+def _check_label_column(ds: Any, column: str) -> None:
+    """Raise unless `ds` has an integer (or `ClassLabel`) column `column`."""
+    import datasets
+
+    if column not in ds.column_names:
+        raise ValueError(f"dataset has no label column {column!r}; its columns are {ds.column_names}")
+    feature = ds.features[column]
+    dtype = getattr(feature, "dtype", type(feature).__name__)
+    if not (isinstance(feature, datasets.ClassLabel) or (isinstance(feature, datasets.Value) and "int" in dtype)):
+        raise ValueError(f"label column {column!r} holds {dtype} values; expected integer labels (an int Value or a ClassLabel)")
 
 
 def open_image_source(
@@ -223,9 +330,16 @@ def open_image_source(
 
     Raises:
         FileNotFoundError: a path-looking value that does not exist.
+        ValueError: a `label_column` for a folder of image files (which has no labels); see
+            `HFImageDataset` for a `datasets` dataset.
     """
     path = Path(str(data)).expanduser()
     if path.exists() and not _is_saved_dataset(path):
+        if label_column is not None:
+            raise ValueError(
+                f"a label column ({label_column!r}) needs a `datasets` dataset, but {str(data)!r} is "
+                "image files, which have no labels"
+            )
         return ImageFolder(path, transform)
     if not path.exists() and looks_like_path(str(data)):
         raise FileNotFoundError(f"no such folder: {str(data)!r}")

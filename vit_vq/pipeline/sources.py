@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
-from ..data import IMAGE_EXTENSIONS, collate_images, list_images, load_image
+from ..data import IMAGE_EXTENSIONS, collate_images, image_limits, list_images, load_image
 from ..preprocess import resize_center_crop
 
 ResizeMode = Literal["crop", "none"]
@@ -25,14 +25,16 @@ class FileImages(Dataset):
     """Image files named one by one, or folders of images, in the order given.
 
     A folder contributes its image files (by extension, recursively, sorted) under keys
-    relative to it; a file contributes itself under its file name.
+    relative to it; a file contributes itself under its file name. Paths that are not
+    regular files (a FIFO, a device) are kept, and loading them reports why they are skipped.
 
     Raises:
         FileNotFoundError: a path that does not exist.
-        ValueError: no images at all, or a folder without image files.
+        ValueError: no images at all, or a folder without image files; a malformed limit in the environment.
     """
 
     def __init__(self, paths: Sequence[str | Path]) -> None:
+        image_limits()  # now, as the job's error, rather than as every image's
         self.files: list[Path] = []
         self.keys: list[str] = []
         for arg in paths:
