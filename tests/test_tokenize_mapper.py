@@ -79,3 +79,12 @@ def test_in_memory_tokenizer(tok, photos):
     fn = TokenizeBatch(tok, device="cpu")
     out = fn({"image": [torch.from_numpy(photos[0]).permute(2, 0, 1)]})
     assert out["ok"].tolist() == [True] and fn.info.model_id == "<in-memory>"
+
+
+def test_empty_bytes_are_an_empty_image_not_a_path_lookup(tmp_path, monkeypatch, tok, photos):
+    """`{"bytes": b"", "path": "x.png"}` must not fall back to reading `x.png` (it exists here, and is fine)."""
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(photos[0]).resize((40, 36)).save(tmp_path / "x.png")
+    out = TokenizeBatch(tok)({"image": [{"bytes": b"", "path": "x.png"}, {"bytes": None, "path": "x.png"}]})
+    assert list(out["ok"]) == [False, True]
+    assert "empty image bytes" in out["error"][0]

@@ -160,7 +160,7 @@ def load_codes(path: str | Path) -> CodesFile:
     if meta.get("format") != CODES_FORMAT:
         raise ValueError(f"{path} is a safetensors file but not a vit_vq codes file (metadata format={meta.get('format')!r})")
     text = meta.get("format_version", "")
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise ValueError(f"{path}: codes metadata format_version must be a whole number >= 1, got {text!r}")
     version = int(text)
     if version > CODES_FORMAT_VERSION:

@@ -49,7 +49,7 @@ def _decode_image(value: Any) -> torch.Tensor:
         ValueError: unreadable bytes or file, an empty cell. TypeError: an unsupported value.
     """
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
-        if value.get("bytes"):
+        if value.get("bytes") is not None:  # b"" is an empty image, not a missing one
             value = bytes(value["bytes"])
         elif value.get("path"):
             value = value["path"]

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..loading import check_regular_file
 from ..tokenizer import ViTVQTokenizer
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -183,23 +184,33 @@ def weights_fingerprint(name: str, revision: str | None = None) -> str | None:
 
     For `vit_vq:default`, a folder, or a Hub id already in the local cache (no download);
     None when the files cannot be found locally. Files are re-hashed only when their size,
-    modification time or inode change.
+    modification or change time or inode change.
+
+    Raises:
+        ValueError: a model file (links followed) that is not a regular file, such as a FIFO
+            or a link to a device, which would never finish reading; the message names it.
     """
     from .. import hub
 
     try:
         files = hub.resolve_files(name, revision=revision, local_files_only=True)
-        stats = [(str(f), st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [os.stat(f)]]
+        stats = [(f, os.stat(f)) for f in files]
     except Exception:  # not local (yet): a fingerprint without the weights, as before loading
         return None
     digest = hashlib.sha256()
-    for stat in stats:
-        digest.update(_file_sha256(*stat).encode())
+    for f, st in stats:
+        digest.update(_file_sha256(str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino).encode())
     return digest.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=64)
-def _file_sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
+def _file_sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    """sha256 of `path`, checked first to be a regular file (the other arguments key the cache).
+
+    Raises:
+        ValueError: `path` (links followed) is a FIFO, a device, ...: reading it would never end.
+    """
+    check_regular_file(Path(path))
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):

@@ -11,7 +11,7 @@ a job can be resumed with a different world size. Shard `k` is written by rank
     codes-00007.indices.npy, codes-00007.labels.npy
     codes-00007.json          the record: item range, counts, keys (file names or row ids),
                               skipped items with reasons, SHA-256 of every data file, run fingerprint,
-                              and a digest of the shard's input files as they were (size, mtime)
+                              and a digest of the shard's input files as they were (size, times, inode)
 
 Every file is written atomically (temporary file + `os.replace`), data first and the
 record last, so a record's presence means the shard is complete; `is_complete` re-checks

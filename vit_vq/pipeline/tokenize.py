@@ -8,10 +8,11 @@ barrier rank 0 gathers the shard records and writes `manifest.json`.
 The output folder is locked for the whole run (`outdir.FolderLock`): a second run into
 it is refused with the holder's PID. Resuming: a shard whose record and checksums are
 intact, whose run fingerprint (model, data, settings) matches and whose input files have
-the size and modification time they had, is skipped; a shard of this run with a changed
+the size, times and inode they had, is skipped; a shard of this run with a changed
 input or a damaged file is rewritten. A file this run would write that another run made
 (a shard record, a manifest, a shard file without a record) is never overwritten without
-`overwrite=True`. An output folder inside an image-folder input is left out of the inputs.
+`overwrite=True`, which also removes earlier runs' shard files this run does not rewrite
+(`outdir.remove_stale_shards`). An output folder inside an image-folder input is left out of the inputs.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..data import open_image_source
 from ..tokenizer import ViTVQTokenizer
 from .codes import smallest_uint_dtype, to_storage
 from .manifest import MANIFEST_NAME, build_manifest, write_manifest
-from .outdir import FolderInUseError, FolderLock, exclude_folder
+from .outdir import FolderInUseError, FolderLock, exclude_folder, read_json_file, remove_stale_shards
 from .runtime import ModelInfo
 from .shards import ShardFormat, ShardSpec, data_files, is_complete, plan_shards, record_path, shards_for_rank, write_shard
 from .sources import ModelSizedImages, ResizeMode, collate_sized
@@ -57,7 +58,8 @@ class TokenizeOptions:
     fmt: `"safetensors"` or `"npy"`. resize: `"crop"` or `"none"` (other sizes are skipped, with a reason).
     split / image_column / label_column: for `datasets` inputs; labels are stored when a column is named.
     overwrite: rewrite files this run did not make (shards and a manifest of a different run,
-        shard files without a record) instead of refusing.
+        shard files without a record) instead of refusing, and remove earlier runs' shard files
+        and records that this run does not rewrite (those still as their run wrote them).
     """
 
     data: str
@@ -125,17 +127,19 @@ def _inputs_digest(source: Any) -> str:
     digest = hashlib.sha256()
     if hasattr(source, "files"):
         for f in source.files:
-            digest.update(str(f).encode() + b"\0")
+            digest.update(os.fsencode(f) + b"\0")  # any name the OS allows, UTF-8 or not
     else:
         digest.update(str(getattr(source.ds, "_fingerprint", len(source))).encode())
     return digest.hexdigest()[:16]
 
 
 def _shard_inputs(source: Any, spec: ShardSpec) -> str | None:
-    """sha256 (16 hex) of the size and modification time of shard `spec`'s input files (None for datasets).
+    """sha256 (16 hex) of the size, modification and change times and inode of shard `spec`'s input files.
 
-    An image replaced under the same name changes it, so a resume re-codes that shard.
-    A `datasets` input needs none: its fingerprint (in the run) covers the content.
+    An image replaced under the same name changes it, so a resume re-codes that shard, even
+    when the replacement kept the size and the modification time (`cp -p`, `rsync -t`,
+    `os.utime`): writing a file or swapping it in sets its change time, which no user call
+    can set back. A `datasets` input needs none (None): its fingerprint (in the run) covers the content.
     """
     if not hasattr(source, "files"):
         return None
@@ -143,7 +147,7 @@ def _shard_inputs(source: Any, spec: ShardSpec) -> str | None:
     for f in source.files[spec.start : spec.stop]:
         try:
             st = os.stat(f)
-            digest.update(f"{st.st_size}:{st.st_mtime_ns}\0".encode())
+            digest.update(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\0".encode())
         except OSError as err:
             digest.update(f"unreadable:{err.errno}\0".encode())
     return digest.hexdigest()[:16]
@@ -183,18 +187,19 @@ def _open_source(opts: TokenizeOptions, out: Path) -> Any:
 def _locked(out: Path, rank: int, world_size: int) -> Iterator[tuple[FolderLock | None, str | None]]:
     """Rank 0 locks `out` for the whole run; yields `(the lock on rank 0, the run the folder last held)`.
 
-    Raises:
-        FolderInUseError (on every rank): another run holds the folder.
+    Raises (on every rank, so that none waits for the others forever):
+        FolderInUseError: another run holds the folder. ValueError: the lock file is a link or
+            not a regular file. OSError: the lock file cannot be opened.
     """
     lock, error = (FolderLock(out), None) if rank == 0 else (None, None)
     if lock is not None:
         try:
             lock.acquire()
-        except FolderInUseError as err:
-            error = str(err)
+        except (FolderInUseError, ValueError, OSError) as err:
+            error = err
     error, previous = _gather((error, lock.previous_run if lock else None), world_size)[0]
     if error is not None:
-        raise FolderInUseError(error)
+        raise error
     try:
         yield lock, previous
     finally:
@@ -210,15 +215,20 @@ def _foreign_files(out: Path, spec: ShardSpec, opts: TokenizeOptions) -> list[st
     return [f"{name} exists but no record of this run describes it" for name in names if (out / name).exists()]
 
 
+def _shard_names(num_items: int, opts: TokenizeOptions) -> set[str]:
+    """Every shard file and record name a run of `opts` over `num_items` items writes."""
+    names = set()
+    for spec in plan_shards(num_items, opts.shard_size):
+        names |= {record_path(Path(), spec).name, *data_files(opts.fmt, spec.stem, opts.label_column is not None).values()}
+    return names
+
+
 def _manifest_conflict(out: Path, run_digest: str) -> str | None:
     """Why `out/manifest.json` is not this run's to rewrite (None when absent or ours)."""
     path = out / MANIFEST_NAME
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
-        old = None
+    old = read_json_file(path)  # a FIFO or a link there is not ours either, and is never read
     if isinstance(old, dict) and old.get("run") == run_digest:
         return None
     return f"{MANIFEST_NAME} describes a different run (or is not a vit_vq manifest)"
@@ -245,7 +255,8 @@ def tokenize_dataset(
 
     Raises:
         FileNotFoundError: missing input. ValueError: an empty input, or `opts.out` is the input
-            folder. FolderInUseError: another run is writing into `opts.out`. FileExistsError:
+            folder, or its lock file is a link or not a regular file. FolderInUseError: another run
+            is writing into `opts.out`. FileExistsError:
             `opts.out` holds files this run would overwrite but did not make (without `overwrite`).
             RuntimeError: counts that do not add up.
     """
@@ -266,6 +277,8 @@ def tokenize_dataset(
                 + "; use a new --out, or --overwrite to replace them"
             )
         if lock is not None:
+            if opts.overwrite:
+                remove_stale_shards(out, _shard_names(len(source), opts))
             lock.claim(run_digest)
         return _code_and_collect(tok, info, opts, out, source, run, run_digest, records, pending, rank, world_size, progress)
 
