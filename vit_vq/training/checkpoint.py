@@ -73,7 +73,7 @@ def list_checkpoints(output: str | Path) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         suffix = p.name.removeprefix(PREFIX)
-        if p.name.startswith(PREFIX) and suffix.isdigit() and (p / STATE_NAME).is_file():
+        if p.name.startswith(PREFIX) and suffix.isascii() and suffix.isdigit() and (p / STATE_NAME).is_file():
             found.append((int(suffix), p))
     return sorted(found)
 
