@@ -105,7 +105,7 @@ def test_eval_mode_accumulates_nothing():
 
 
 def test_losses_and_straight_through_gradients():
-    q = make(use_ema=False, commitment_beta=0.25)
+    q = make(use_ema=False, commitment_beta=0.25, quantizer_gradient="ste")
     z = torch.randn(10, 4, requires_grad=True)
     out = q(z)
     e = q.embed.detach()[out.indices]

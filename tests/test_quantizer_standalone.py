@@ -16,7 +16,7 @@ from vit_vq.quantizer import QuantizerConfig, rotation_trick
 SETTINGS = [
     dict(metric="l2", use_ema=True, gradient="ste"),
     dict(metric="cosine", use_ema=False, gradient="rotation", dead_code_threshold=0.5),
-    dict(metric="cosine", use_ema=True, kmeans_init=True, kmeans_iters=3, ema_decay=0.9),
+    dict(metric="cosine", use_ema=True, kmeans_init=True, kmeans_iters=3, ema_decay=0.9, gradient="ste"),
 ]
 
 

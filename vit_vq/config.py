@@ -273,7 +273,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         encoder_width=64, encoder_depth=2, encoder_heads=4,
         decoder_width=64, decoder_depth=2, decoder_heads=4,
         codebook_size=256, codebook_dim=8, l2_normalize=True,
-        perceptual_weight=0.0,
+        perceptual_weight=0.0, quantizer_gradient="rotation",
     ),
     # ViT-VQGAN recipe (Yu et al. 2022): 256 px, patch 8, 32x32 tokens, 8192 codes of dim 32, l2.
     "small": dict(
@@ -281,14 +281,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         encoder_width=512, encoder_depth=8, encoder_heads=8,
         decoder_width=512, decoder_depth=8, decoder_heads=8,
         codebook_size=8192, codebook_dim=32, l2_normalize=True,
-        perceptual_weight=0.1, decoder_head="conv_upsample",
+        perceptual_weight=0.1, decoder_head="conv_upsample", quantizer_gradient="rotation",
     ),
     "base": dict(
         image_size=256, patch_size=8,
         encoder_width=768, encoder_depth=12, encoder_heads=12,
         decoder_width=768, decoder_depth=12, decoder_heads=12,
         codebook_size=8192, codebook_dim=32, l2_normalize=True,
-        perceptual_weight=0.1, decoder_head="conv_upsample",
+        perceptual_weight=0.1, decoder_head="conv_upsample", quantizer_gradient="rotation",
     ),
     # The reference design: ViT-B/16 at 224 px, 14x14 tokens, 1024 codes of dim 512.
     "seed": dict(
