@@ -1,24 +1,41 @@
 """Train the tokenizer that ships inside vit_vq (`ViTVQTokenizer.default()`), through the project's Trainer.
 
 Data: the photo pack written by `examples/prepare_default_data.py` (`train/` and `heldout/`
-JPEGs plus `manifest.json`). Training sees random crops of the `train/` photos only: a square
-of random size (between the model's side and the photo's short side, log-uniform) and aspect
-jitter, at a random place, resized to the model's side, then flipped at random. Every crop is
-seeded by `(seed, index)` and every flip by `(seed, epoch, index)`, so a run with the same
-`--steps` and `--seed` sees the same data.
+JPEGs plus `manifest.json`). Training sees views of the `train/` photos only, made by the
+library's `TrainTransform` (`vit_vq.training.data`): with probability `WHOLE_PROB` the whole
+photo downscaled to the model's side (as users feed it), otherwise a random-resized crop whose
+side is log-uniform between the model's side (native resolution) and the photo's short side,
+with aspect jitter, at a random place, resized to the model's side; then a random flip. Every
+view is seeded by `(seed, index)`, so a run with the same `--steps` and `--seed` sees the same data.
+
+`--init-from FOLDER` warm-starts from a trained tokenizer of the same architecture (e.g. the
+previous default, which has the `pixel_shuffle` head): every weight is copied, and a
+`conv_upsample` head's new branch starts at zero, so step 0 reconstructs exactly as FOLDER
+does. `--train decoder` then fine-tunes only the decoder: the encoder and the codebook are frozen
+(no EMA updates, no code restarts), so every image keeps the codes FOLDER gives it -- the cheap
+path on a CPU. `--train branch` trains only the `conv_upsample` branch: everything the warm start
+copied stays exactly as it was, and the branch learns what the old head misses.
 
     # CPU, in the background (the shipped weights: 700 steps, ~32 minutes on one core):
     nohup python examples/train_default.py --steps 700 --threads 1 --output runs/default &
     # one GPU (needs only the pack, .data/default_pack, and this checkout on PYTHONPATH):
     VIT_VQ_BACKEND=torch PYTHONPATH=. python examples/train_default.py --device cuda --minutes 5 --output /tmp/default-gpu
+    # CPU warm start: the shipped encoder, codebook and decoder transformer, plus the new head branch,
+    # fine-tuned on the photos at many scales (a pack with short side 768 px):
+    python examples/prepare_default_data.py --out .data/pack768 --short-side 768
+    OMP_NUM_THREADS=1 nohup nice -n 5 python examples/train_default.py --data .data/pack768 --device cpu \
+        --init-from vit_vq/assets/default --train decoder --steps 700 --lr 1e-4 --output runs/v2 &
 
 `--minutes` times a few steps first and turns the budget into `--steps` (printed, so the run
 can be repeated exactly). At the end the script evaluates the exported model on the held-out
 photos (never trained on) and on seeded training crops, and writes `eval.json` and the model
 card (`README.md`) into `<output>/final/`. Shipping it is a copy:
 
+    python benchmarks/bench_codecs.py --model new=runs/default/final --out runs/default/final  # codec table
+    python examples/train_default.py --card-only runs/default/final --docs docs/model_card.md  # card + docs page
     cp runs/default/final/{config.json,model.safetensors,README.md,eval.json} vit_vq/assets/default/
-    python examples/train_default.py --card-only runs/default/final --docs docs/model_card.md  # the docs page
+
+`--card-only FOLDER` adds the codec section when `FOLDER/bench_codecs.md` exists.
 """
 
 from __future__ import annotations
@@ -31,13 +48,15 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from vit_vq.training.data import TrainTransform
 
 # The shipped architecture: 128 px, patch 8 -> 16x16 tokens; an l2-normalised EMA codebook.
 MODEL = dict(
@@ -46,8 +65,9 @@ MODEL = dict(
     decoder_width=256, decoder_depth=4, decoder_heads=4,
     codebook_size=4096, codebook_dim=8, l2_normalize=True,
     use_ema=True, ema_decay=0.99, dead_code_threshold=0.03, commitment_beta=0.25,
-    perceptual_weight=0.0,
+    perceptual_weight=0.0, decoder_head="conv_upsample",
 )
+WHOLE_PROB = 0.25  # share of training views that are the whole photo at the model's side
 EVAL_SEED = 12345
 # Hand-written findings for the model card, from the shipped CPU run and four 10-minute prototypes.
 RECIPE_NOTES = """
@@ -89,25 +109,19 @@ def read_photos(folder: Path) -> tuple[list[str], list[torch.Tensor]]:
     return [f.stem for f in files], photos
 
 
-def random_crop(photo: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
-    """uint8 `[3, H, W]` -> float `[3, size, size]` in [0, 1]: a crop of random scale, aspect and place."""
-    _, H, W = photo.shape
-    u = torch.rand(4, generator=gen).tolist()
-    short = min(H, W)
-    side = math.exp(math.log(size) + u[0] * (math.log(short) - math.log(size)))  # log-uniform in [size, short]
-    aspect = math.exp((u[1] - 0.5) * 0.4)  # 0.82 .. 1.22
-    ch, cw = min(H, max(size, round(side * aspect))), min(W, max(size, round(side / aspect)))
-    top, left = int(u[2] * (H - ch + 1)), int(u[3] * (W - cw + 1))
-    crop = photo[:, top : top + ch, left : left + cw].float()[None] / 255  # (1, 3, ch, cw)
-    crop = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return crop[0].clamp(0, 1)
+def view_transform(size: int, *, hflip: bool = True) -> TrainTransform:
+    """The recipe's views: whole photos (`WHOLE_PROB`) and random-resized crops across scales."""
+    from vit_vq.training.data import TrainTransform  # imported late: --device cpu hides CUDA first
+
+    return TrainTransform(size, scales="log_uniform", whole_prob=WHOLE_PROB, hflip=hflip)
 
 
 class PhotoCrops(Dataset):
-    """`length` seeded random crops of `photos` (item j: photo `j % len(photos)`), as Trainer items."""
+    """`length` seeded views of `photos` (item j: photo `j % len(photos)`), as Trainer items."""
 
     def __init__(self, names: list[str], photos: list[torch.Tensor], size: int, length: int, seed: int) -> None:
-        self.names, self.photos, self.size, self.length, self.seed = names, photos, size, length, seed
+        self.names, self.photos, self.length, self.seed = names, photos, length, seed
+        self.transform = view_transform(size)
 
     def __len__(self) -> int:
         return self.length
@@ -115,7 +129,7 @@ class PhotoCrops(Dataset):
     def __getitem__(self, j: int) -> dict[str, Any]:
         k = j % len(self.photos)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
-        return {"pixels": random_crop(self.photos[k], self.size, gen), "key": f"{self.names[k]}#{j}", "label": -1, "error": None}
+        return {"pixels": self.transform(self.photos[k], gen), "key": f"{self.names[k]}#{j}", "label": -1, "error": None}
 
 
 # -- evaluation --------------------------------------------------------------------------
@@ -148,7 +162,8 @@ def evaluate(tok, pack: Path, train_crops: int = 1024) -> dict[str, Any]:
         for top, left in ((0, 0), (0, W - S), (H - S, 0), (H - S, W - S), ((H - S) // 2, (W - S) // 2)):
             patches.append(p[:, top : top + S, left : left + S].float() / 255)
     patches = torch.stack(patches)
-    crops = torch.stack([random_crop(t_photos[i % len(t_photos)], S, gen) for i in range(train_crops)])
+    view = view_transform(S, hflip=False)
+    crops = torch.stack([view(t_photos[i % len(t_photos)], gen) for i in range(train_crops)])
     r_views, c_views = run_model(tok, views)
     r_patches, c_patches = run_model(tok, patches)
     r_crops, c_crops = run_model(tok, crops)
@@ -173,8 +188,10 @@ def evaluate(tok, pack: Path, train_crops: int = 1024) -> dict[str, Any]:
 
 
 # -- model card --------------------------------------------------------------------------
-def model_card(config, manifest: dict[str, Any], run: dict[str, Any], scores: dict[str, Any], notes: str = "") -> str:
-    """The packaged model card: architecture, held-out scores, training run, every data source and licence."""
+def model_card(config, manifest: dict[str, Any], run: dict[str, Any], scores: dict[str, Any], notes: str = "",
+               codecs: str = "") -> str:
+    """The packaged model card: architecture, held-out scores, the codec comparison (`codecs`: the table
+    `benchmarks/bench_codecs.py` wrote, if any), training run, every data source and licence."""
     c, sc = config, scores
     photos = manifest["photos"]
     by_name = {p["name"]: p for p in photos}
@@ -222,10 +239,16 @@ def model_card(config, manifest: dict[str, Any], run: dict[str, Any], scores: di
         "time": f"{run['train_minutes']} minutes on {run['device']}",
         "optimiser": f"AdamW, peak lr {run['lr']:.2g}, warmup then cosine to 5%, no weight decay, gradient clip 1.0",
         "loss": f"pixel MSE + codebook and commitment terms (beta {c.commitment_beta}); no perceptual or GAN loss",
-        "data": f"random crops of the training photos: side log-uniform between {S} px and the short side, "
-        f"aspect 0.82-1.22, resized to {S} px, random horizontal flip",
+        "data": (f"{100 * run['whole_prob']:.0f}% whole photos resized to {S} px (random square along the long side), "
+                 if run.get("whole_prob") else "")
+        + f"random crops of the training photos: side log-uniform between {S} px and the short side "
+        f"({manifest['short_side']} px), aspect 0.82-1.22, resized to {S} px, random horizontal flip",
         "software": f"torch {run['torch']}, seed {run['seed']}",
     }
+    if run.get("init_from"):
+        trained = {"decoder": "decoder trained, encoder and codebook frozen", "branch": "only the new head branch trained"}
+        training["start"] = (f"warm start from `{run['init_from']}` (every weight copied; the new head branch at zero), "
+                             + trained.get(run.get("trained", "all"), "all weights trained"))
 
     def table(pairs: dict[str, str]) -> str:
         return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in pairs.items())
@@ -256,7 +279,17 @@ views, the held-out crops and {sc['num_train_crops']} seeded training crops ({sc
 
 | metric | value | target |
 |---|---|---|
-""" + "\n".join(f"| {a} | {b} | {t} |" for a, b, t in score_rows) + f"""
+""" + "\n".join(f"| {a} | {b} | {t} |" for a, b, t in score_rows) + (f"""
+
+## Against image codecs at the same bytes
+
+`benchmarks/bench_codecs.py`: each photo resized and center-cropped to {S} px; every codec's whole
+file held to the tokenizer's budget, its quality interpolated to exactly that size; "half res" means
+encoded at {S // 2} px and upsampled bicubically. Blockiness: mean pixel step across the {c.patch_size}-px
+patch boundaries over the mean step inside patches (originals about 1). The picture
+(`docs/img/bench_codecs_default.png` in the repository) shows original | tokenizer | WebP at the same bytes.
+
+{codecs.strip()}""" if codecs else "") + f"""
 
 ## Held-out photos
 
@@ -304,12 +337,13 @@ def write_card(folder: Path, pack: Path, docs: Path | None = None) -> None:
     record = json.loads((folder / "eval.json").read_text())
     config = ViTVQConfig.from_dict(json.loads((folder / "config.json").read_text()))
     manifest = json.loads((pack / "manifest.json").read_text())
+    codecs = folder / "bench_codecs.md"
     card = model_card(config, manifest, record["run"], record["scores"], RECIPE_NOTES.format(
         **record["run"],
         dead_codes=record["run"]["last_log"]["dead_codes"],
         usage_pct=100 * record["run"]["last_log"]["usage"],
         perplexity=record["run"]["last_log"]["perplexity"],
-    ))
+    ), codecs.read_text() if codecs.exists() else "")
     (folder / "README.md").write_text(card)
     if docs is not None:
         body = card.split("---\n", 2)[2].lstrip()
@@ -335,6 +369,38 @@ def store_half(folder: Path) -> None:
 
 
 # -- run ---------------------------------------------------------------------------------
+def freeze(part: torch.nn.Module | torch.nn.Parameter) -> None:
+    """No gradients, and a module stays in eval mode for good: the Trainer's `train()` calls leave it
+    alone, so a frozen quantizer gathers no EMA statistics and restarts no codes (images keep their codes)."""
+    part.requires_grad_(False)
+    if isinstance(part, torch.nn.Module):
+        part.eval()
+        part.train = lambda mode=True: part  # nn.Module.train recurses through this attribute
+
+
+def warm_start(tok, folder: Path) -> list[str]:
+    """Copy every weight of the tokenizer in `folder` into `tok`; returns the keys left at their init.
+
+    Raises:
+        ValueError: the architectures differ other than by `decoder_head`, or a key other than
+            the `conv_upsample` branch (`decoder.upsample.*`) is missing or unexpected.
+    """
+    import dataclasses
+
+    from vit_vq import ViTVQTokenizer
+
+    old = ViTVQTokenizer.from_pretrained(folder)
+    mine, theirs = dataclasses.asdict(tok.config), dataclasses.asdict(old.config)
+    differ = sorted(k for k in mine if k != "decoder_head" and mine[k] != theirs[k])
+    if differ:
+        raise ValueError(f"--init-from {folder}: the architectures differ in {differ}")
+    missing, unexpected = tok.load_state_dict(old.state_dict(), strict=False)
+    stray = [k for k in missing if not k.startswith("decoder.upsample.")] + list(unexpected)
+    if stray:
+        raise ValueError(f"--init-from {folder}: weights do not match: {stray}")
+    return list(missing)
+
+
 def seconds_per_step(tok, batch_size: int, device: torch.device, lr: float) -> float:
     """Wall time of one optimizer step of a throwaway copy of `tok` (median of 3, after 1 warm-up)."""
     import copy
@@ -370,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, help="data-loader processes; default 0 on CPU, up to 12 on CUDA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-crops", type=int, default=1024, help="seeded training crops for training PSNR and codebook usage")
+    p.add_argument("--init-from", type=Path, metavar="FOLDER", help="warm start from this tokenizer (same architecture)")
+    p.add_argument("--train", choices=("all", "decoder", "branch"), default="all",
+                   help="which weights to train (decoder: encoder and codebook frozen; branch: only the conv_upsample branch)")
     p.add_argument("--model-ema", type=float, default=0.0, help="weight-EMA decay of the exported model (0: off)")
     p.add_argument("--card-only", type=Path, metavar="FOLDER", help="only rewrite FOLDER/README.md from its eval.json")
     p.add_argument("--docs", type=Path, metavar="MD", help="also write the card (without its YAML header) here")
@@ -392,15 +461,25 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers if args.workers is not None else (min(12, (os.cpu_count() or 2) - 2) if device.type == "cuda" else 0)
     torch.manual_seed(args.seed)
     tok = ViTVQTokenizer(ViTVQConfig(**MODEL))
+    if args.init_from:
+        fresh = warm_start(tok, args.init_from)
+        print(f"warm start from {args.init_from}; {len(fresh)} new tensors at init", flush=True)
+    if args.train != "all":
+        frozen = [tok.encoder, tok.quantizer]
+        if args.train == "branch":
+            frozen += [m for name, m in tok.decoder.named_children() if name != "upsample"]
+            frozen += [tok.decoder.pos_embed]
+        for part in frozen:
+            freeze(part)
     names, photos = read_photos(args.data / "train")
     steps = args.steps
     if steps is None:
         minutes = args.minutes or 40.0
         per_step = seconds_per_step(tok, batch, device, lr)
-        gen = torch.Generator().manual_seed(0)
+        gen, view = torch.Generator().manual_seed(0), view_transform(MODEL["image_size"])
         start = time.perf_counter()
         for i in range(32):
-            random_crop(photos[i % len(photos)], MODEL["image_size"], gen)
+            view(photos[i % len(photos)], gen)
         loading = (time.perf_counter() - start) / 32 * batch / max(1, workers)  # data-loader seconds per batch
         steps = max(10, int(minutes * 60 * 0.9 / max(per_step, loading)))  # 10% for logging and checkpoints
         print(f"{per_step:.3f} s/step (model), {loading:.3f} s/batch (data) at batch {batch} on {device}: "
@@ -429,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_minutes": round(train_seconds / 60, 1), "device": torch.cuda.get_device_name() if device.type == "cuda"
         else f"CPU ({platform.machine()}), {args.threads} thread{'s' if args.threads > 1 else ''}",
         "torch": torch.__version__, "num_train_photos": len(names), "model_ema": args.model_ema,
+        "init_from": str(args.init_from) if args.init_from else None, "trained": args.train, "whole_prob": WHOLE_PROB,
         "last_log": result.history[-1] if result.history else {},
         "weights_bytes": (result.export_dir / "model.safetensors").stat().st_size,
         "storage": "encoder/decoder float16, codebook float32" if half else "float32",

@@ -180,3 +180,48 @@ def test_config_file_combines_with_a_data_override_and_yaml_numbers(tmp_path):
     path.write_text("preset: tiny\nlr: fast\n")
     with pytest.raises(ValueError, match="TrainConfig.lr must be a number, got 'fast'"):
         TrainConfig.from_file(path, data="photos/")
+
+
+# -- the default model's recipe: whole photos and random-resized crops across scales ------------
+def test_whole_photo_view_is_what_users_feed():
+    from vit_vq.preprocess import resize_center_crop
+
+    image = torch.rand(3, 50, 80, generator=torch.Generator().manual_seed(0))
+    whole = TrainTransform(32, whole_prob=1.0, random_crop=False, hflip=False, scales="log_uniform")
+    assert torch.equal(whole(image, torch.Generator().manual_seed(5)), resize_center_crop(image, 32))
+
+
+def test_log_uniform_crops_span_native_resolution_to_the_whole_photo():
+    """A horizontal ramp: the value range a view covers is the share of the width its crop took."""
+    W = 512
+    ramp = (torch.arange(W, dtype=torch.float32) / (W - 1)).expand(3, W, W).contiguous()
+    t = TrainTransform(32, scales="log_uniform", hflip=False)
+    shares = torch.tensor([float(v[0].amax() - v[0].amin()) for v in
+                           (t(ramp, torch.Generator().manual_seed(s)) for s in range(300))])
+    assert shares.min() < 32 / W * 1.3  # near native resolution: 32 px of 512
+    assert shares.max() > 0.8  # near the whole photo
+    # log-uniform side in [32, 512]: the median share is near sqrt(32 * 512) / 512 = 0.25
+    assert 0.17 < shares.median() < 0.36
+
+
+def test_whole_prob_sets_the_share_of_whole_photo_views():
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    whole = TrainTransform(32, whole_prob=1.0, hflip=False)(image)
+    t = TrainTransform(32, scales="log_uniform", whole_prob=0.25, hflip=False)
+    hits = sum(torch.equal(t(image, torch.Generator().manual_seed(s)), whole) for s in range(400))
+    assert 60 <= hits <= 140  # 100 expected; binomial sd 8.7
+
+
+def test_uint8_photos_give_the_same_views_as_floats():
+    u8 = torch.randint(0, 256, (3, 90, 120), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for kw in (dict(scales="log_uniform", whole_prob=0.5), dict(resize_ratio=1.5)):
+        t = TrainTransform(32, **kw)
+        for s in range(4):
+            assert torch.equal(t(u8, torch.Generator().manual_seed(s)), t(u8.float() / 255, torch.Generator().manual_seed(s)))
+
+
+@pytest.mark.parametrize("kw, match", [(dict(scales="random"), "scales must be 'fixed' or 'log_uniform', got 'random'"),
+                                       (dict(whole_prob=1.5), r"whole_prob must be in \[0, 1\], got 1.5")])
+def test_bad_recipe_options_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainTransform(32, **kw)

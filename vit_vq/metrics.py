@@ -1,4 +1,4 @@
-"""Reconstruction and codebook metrics: PSNR, SSIM, codebook usage/perplexity, Frechet distance.
+"""Reconstruction and codebook metrics: PSNR, SSIM, blockiness, codebook usage/perplexity, Frechet distance.
 
 Every image metric takes float images `[B, 3, H, W]` in [0, 1] (`data_range=1`) and
 returns one value per image, so a caller can average over a data set however it likes
@@ -106,6 +106,38 @@ def ssim(
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return s.flatten(2).mean(2).mean(1)  # (B,)
+
+
+def blockiness(x: torch.Tensor, *, block: int = 8) -> torch.Tensor:
+    """How much a `block`-px grid shows, per image: the mean absolute step between neighbouring
+    pixels across block boundaries divided by the mean step inside blocks, for horizontal
+    and vertical neighbours, then averaged over the two directions.
+
+    Natural photos score about 1; a decoder that paints each token's block on its own scores
+    above 1 (seams). Boundaries are at multiples of `block` from the top-left corner.
+
+    Args:
+        x: float `[B, C, H, W]` with `H, W > block`.
+
+    Returns:
+        float32 `[B]` (a flat image, with no steps inside blocks, divides by a 1e-12 floor).
+
+    Raises:
+        ValueError: not 4-d, or an image no larger than one block.
+    """
+    if x.ndim != 4 or x.shape[-1] <= block or x.shape[-2] <= block:
+        raise ValueError(f"expected images [B, C, H, W] larger than {block} px, got {tuple(x.shape)}")
+    x = x.double()
+    ratios = []
+    for dim in (-1, -2):
+        step = (x.narrow(dim, 1, x.shape[dim] - 1) - x.narrow(dim, 0, x.shape[dim] - 1)).abs()  # (B, C, ., .)
+        across = (torch.arange(1, x.shape[dim], device=x.device) % block) == 0  # step j joins pixels j and j+1
+        across = across.view(-1, 1) if dim == -2 else across
+        across = across.expand(step.shape[-2:])
+        edge = step[..., across].flatten(1).mean(1)  # (B,)
+        inside = step[..., ~across].flatten(1).mean(1)  # (B,)
+        ratios.append(edge / inside.clamp(min=1e-12))
+    return ((ratios[0] + ratios[1]) / 2).float()
 
 
 # -- accumulators --------------------------------------------------------------------
@@ -280,6 +312,7 @@ def lpips_network(net: str = "alex") -> nn.Module:
 __all__ = [
     "psnr",
     "ssim",
+    "blockiness",
     "gaussian_window",
     "MeanAccumulator",
     "CodebookUsage",

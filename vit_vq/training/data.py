@@ -14,9 +14,10 @@ seen) replays exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,35 +33,100 @@ logger = logging.getLogger(__name__)
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
+Scales = Literal["fixed", "log_uniform"]
+
+
 class TrainTransform:
-    """`[3, H, W]` in [0, 1] -> `[3, size, size]`: resize the short side, crop (random or center), flip.
+    """`[3, H, W]` image -> float `[3, size, size]` in [0, 1]: a view at one scale, then a flip.
+
+    Two kinds of view, plus an optional share of whole photos:
+
+    * `scales="fixed"`: resize the short side to `round(size * resize_ratio)`, then crop
+      (random or center) -- every view at one scale.
+    * `scales="log_uniform"` (random-resized crops across scales): a crop whose side is
+      log-uniform between `size` px (native resolution) and the photo's short side (the whole
+      photo), with aspect `exp(U(-0.2, 0.2))` (0.82-1.22), at a random place (or centered),
+      resized to `size`.
+    * `whole_prob`: with this probability the view is instead the whole photo as users feed it:
+      the largest square (at a random place along the long side, or centered), resized to `size`
+      -- centered, exactly `vit_vq.preprocess.resize_center_crop`.
+
+    uint8 inputs are converted after cropping, so a large photo costs only its crop.
 
     Args:
         size: output side.
-        resize_ratio: the short side is resized to `round(size * resize_ratio)` first (>= 1).
+        resize_ratio: for `scales="fixed"`, the short side is resized to `round(size * resize_ratio)` (>= 1).
         random_crop: random crop position (else the center).
         hflip: flip horizontally with probability 1/2.
+        scales: `"fixed"` or `"log_uniform"` (above).
+        whole_prob: probability of a whole-photo view, in [0, 1].
+
+    Raises:
+        ValueError: `scales` unknown or `whole_prob` outside [0, 1].
     """
 
-    def __init__(self, size: int, *, resize_ratio: float = 1.0, random_crop: bool = True, hflip: bool = True) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        resize_ratio: float = 1.0,
+        random_crop: bool = True,
+        hflip: bool = True,
+        scales: Scales = "fixed",
+        whole_prob: float = 0.0,
+    ) -> None:
+        if scales not in ("fixed", "log_uniform"):
+            raise ValueError(f"scales must be 'fixed' or 'log_uniform', got {scales!r}")
+        if not 0.0 <= whole_prob <= 1.0:
+            raise ValueError(f"whole_prob must be in [0, 1], got {whole_prob!r}")
         self.size, self.resize_ratio, self.random_crop, self.hflip = size, resize_ratio, random_crop, hflip
+        self.scales, self.whole_prob = scales, whole_prob
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        _, H, W = image.shape
+        if self.whole_prob > 0 and bool(torch.rand((), generator=generator) < self.whole_prob):
+            side = min(H, W)
+            image = self._crop_resize(image, side, side, generator)
+        elif self.scales == "log_uniform":
+            u = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+            short = max(min(H, W), self.size)
+            side = math.exp(math.log(self.size) + u[0] * (math.log(short) - math.log(self.size)))
+            aspect = math.exp((u[1] - 0.5) * 0.4)  # 0.82 .. 1.22
+            ch, cw = min(H, max(self.size, round(side * aspect))), min(W, max(self.size, round(side / aspect)))
+            image = self._crop_resize(image, ch, cw, generator)
+        else:
+            image = self._rescaled_crop(image, generator)
+        if self.hflip and bool(torch.rand((), generator=generator) < 0.5):
+            image = image.flip(-1)
+        return image.clamp(0, 1).contiguous()
+
+    def _offset(self, room: int, generator: torch.Generator | None) -> int:
+        return int(torch.randint(room + 1, (), generator=generator)) if self.random_crop else room // 2
+
+    def _rescaled_crop(self, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """`scales="fixed"`: short side -> `round(size * resize_ratio)`, then a `size` crop."""
+        image = _as_float(image)
         _, H, W = image.shape
         short = max(self.size, round(self.size * self.resize_ratio))
         scale = short / min(H, W)
         nh, nw = max(short, round(H * scale)), max(short, round(W * scale))
         if (nh, nw) != (H, W):
             image = F.interpolate(image[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
-        if self.random_crop:
-            top = int(torch.randint(nh - self.size + 1, (), generator=generator))
-            left = int(torch.randint(nw - self.size + 1, (), generator=generator))
-        else:
-            top, left = (nh - self.size) // 2, (nw - self.size) // 2
-        image = image[:, top : top + self.size, left : left + self.size]
-        if self.hflip and bool(torch.rand((), generator=generator) < 0.5):
-            image = image.flip(-1)
-        return image.clamp(0, 1).contiguous()
+        top, left = self._offset(nh - self.size, generator), self._offset(nw - self.size, generator)
+        return image[:, top : top + self.size, left : left + self.size]
+
+    def _crop_resize(self, image: torch.Tensor, ch: int, cw: int, generator: torch.Generator | None) -> torch.Tensor:
+        """A `ch x cw` crop (random or centered), resized to `size x size` (bicubic, antialiased)."""
+        _, H, W = image.shape
+        top, left = self._offset(H - ch, generator), self._offset(W - cw, generator)
+        crop = _as_float(image[:, top : top + ch, left : left + cw])  # (3, ch, cw)
+        if (ch, cw) != (self.size, self.size):
+            crop = F.interpolate(crop[None], size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)[0]
+        return crop
+
+
+def _as_float(image: torch.Tensor) -> torch.Tensor:
+    return image.float() / 255 if image.dtype == torch.uint8 else image
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
