@@ -225,3 +225,20 @@ def test_uint8_photos_give_the_same_views_as_floats():
 def test_bad_recipe_options_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         TrainTransform(32, **kw)
+
+
+def test_the_trainer_config_selects_the_recipe_views(train_photo_dir):
+    """`--crop-scales log_uniform --whole-prob 1` through the loader gives exactly the whole-photo view."""
+    from vit_vq.data import load_image
+    from vit_vq.preprocess import resize_center_crop
+
+    cfg = _config(train_photo_dir, batch_size=2, crop_scales="log_uniform", whole_prob=1.0, hflip=False, num_workers=0)
+    source = open_training_source(cfg)
+    loader, _ = build_train_loader(source, cfg, 16)
+    batch = next(iter(loader))
+    expected = torch.stack([resize_center_crop(load_image(train_photo_dir / k), 16) for k in batch["keys"]])
+    torch.testing.assert_close(batch["pixels"], expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="crop_scales"):
+        _config(train_photo_dir, crop_scales="random")
+    with pytest.raises(ValueError, match="whole_prob"):
+        _config(train_photo_dir, whole_prob=1.5)

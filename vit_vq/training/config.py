@@ -16,6 +16,7 @@ from ..config import PRESETS
 
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 DataFormat = Literal["auto", "folder", "hf", "cifar10"]
+CropScales = Literal["fixed", "log_uniform"]
 KNOWN_TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 
@@ -56,6 +57,9 @@ class TrainConfig:
     resize_ratio: float = _f(1.0, "resize the short side to image_size * this before the random crop (>= 1)")
     random_crop: bool = _f(True, "random crop (else center crop) after resizing")
     hflip: bool = _f(True, "random horizontal flips")
+    crop_scales: CropScales = _f("fixed", "fixed: crops at image_size * resize_ratio; log_uniform: random-resized crops "
+                                 "from native resolution up to the whole short side, resized to image_size")
+    whole_prob: float = _f(0.0, "share of views that are the whole photo, center-cropped and resized to image_size")
     num_workers: int = _f(4, "data loader worker processes per rank (0: load in the main process)")
     # -- optimisation --------------------------------------------------------------------
     output: str = _f("runs/vit-vq", "output folder: checkpoints, logs, samples and the exported model")
@@ -140,6 +144,9 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.resize_ratio < 1:
             raise ValueError(f"resize_ratio must be >= 1 (the crop must fit), got {self.resize_ratio}")
+        _check_choice("crop_scales", self.crop_scales, ("fixed", "log_uniform"))
+        if not 0 <= self.whole_prob <= 1:
+            raise ValueError(f"whole_prob must be in [0, 1], got {self.whole_prob}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         _check_choice("mixed_precision", self.mixed_precision, ("auto", "no", "fp16", "bf16"))

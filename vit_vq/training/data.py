@@ -268,7 +268,10 @@ def build_train_loader(
             f"the training data has {len(source)} items, fewer than one batch "
             f"({config.batch_size} per process x {num_processes} processes); lower --batch-size"
         )
-    transform = TrainTransform(image_size, resize_ratio=config.resize_ratio, random_crop=config.random_crop, hflip=config.hflip)
+    transform = TrainTransform(
+        image_size, resize_ratio=config.resize_ratio, random_crop=config.random_crop, hflip=config.hflip,
+        scales=config.crop_scales, whole_prob=config.whole_prob,
+    )
     sampler = EpochSampler(len(source), config.seed)
     loader = DataLoader(
         TrainImageDataset(source, transform, config.seed),
