@@ -78,7 +78,9 @@ class QuantizerConfig:
         for name in ("ema_eps", "commitment_beta", "dead_code_threshold"):  # the tokenizer config's ranges
             low, high = FLOAT_RANGES[name]
             if not low <= getattr(self, name) <= high:
-                raise ValueError(f"{name} must be in [{low:g}, {high:g}] (vit_vq.config.FLOAT_RANGES), got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name} must be in [{low:g}, {high:g}] (vit_vq.config.FLOAT_RANGES), got {getattr(self, name)!r}"
+                )
         if self.quantizer_gradient not in ("ste", "rotation"):
             raise ValueError(f"gradient must be 'ste' or 'rotation', got {self.quantizer_gradient!r}")
         if self.dead_code_rule not in ("relative", "absolute"):
