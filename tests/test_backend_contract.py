@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,16 +134,8 @@ def test_exact_mode_contract(name, backend, device):
 @pytest.mark.skipif(INTERPRETED, reason="this test starts the interpreter run")
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_triton_kernel_keeps_the_contract_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    env.pop("VIT_VQ_BACKEND", None)
-    here = Path(__file__)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here), "-k", "test_exact_mode_contract"],
-        cwd=here.parent.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    from test_ops_triton import run_under_interpreter
+
+    proc = run_under_interpreter(str(Path(__file__)), "-k", "test_exact_mode_contract")
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert f"{len(CASES)} passed" in proc.stdout, proc.stdout[-2000:]

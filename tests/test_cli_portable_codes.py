@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from test_cli_codes import png, uint8  # tests/ is on sys.path (pytest rootdir import mode)
 
 from vit_vq import ViTVQTokenizer
 from vit_vq.cli.main import main
@@ -29,14 +29,6 @@ def error_line(err: str) -> str:
     lines = [ln for ln in err.splitlines() if "error:" in ln]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
-
-
-def png(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-def uint8(images: torch.Tensor) -> np.ndarray:
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def test_bf16_codes_decode_at_fp32(capsys, tmp_path, photo_dir, tiny_tokenizer_dir):
