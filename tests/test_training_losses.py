@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import socket
 import threading
-import time
 
 import pytest
 import torch
@@ -123,6 +122,7 @@ def test_missing_weights_error_says_how_to_provide_them(empty_torch_hub):
     assert "vgg16-397923af.pth" in message and str(empty_torch_hub) in message
 
 
+@pytest.mark.timeout(300)  # a guard against a hang, not a speed assertion
 def test_a_download_that_never_answers_gives_up_within_the_timeout(empty_torch_hub, monkeypatch):
     """A black-hole server accepts the connection and then says nothing: the download must not hang."""
     server = socket.socket()
@@ -134,10 +134,10 @@ def test_a_download_that_never_answers_gives_up_within_the_timeout(empty_torch_h
     monkeypatch.setattr(L, "vgg16_url", lambda: f"http://127.0.0.1:{port}/vgg16-397923af.pth")
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
-    start = time.perf_counter()
-    with pytest.raises(L.PerceptualWeightsUnavailable, match="--perceptual-weight 0"):
+    with pytest.raises(L.PerceptualWeightsUnavailable, match="--perceptual-weight 0") as info:
         L.build_perceptual_loss(None, download_timeout=1.0, weight=1.0)
-    assert time.perf_counter() - start < 5
+    # The socket timeout fired (not some other failure); a hang is caught by the timeout marker.
+    assert "timed out" in str(info.value), str(info.value)
     assert accepted, "the test server was never contacted, so the timeout was not exercised"
     server.close()
 
