@@ -98,6 +98,8 @@ def test_own_encoder_on_real_photos_trains_with_backward():
         ((), {"dim": 8, "codebook_size": 16, "gradient": "gumbel"}, ValueError, "gradient"),
         ((), {"dim": 8, "codebook_size": 16, "ema_eps": 1e300}, ValueError, "ema_eps must be in"),
         ((), {"dim": 8, "codebook_size": 16, "commitment_beta": -1.0}, ValueError, "commitment_beta must be in"),
+        ((), {"dim": 8, "codebook_size": 2**30}, ValueError, r"codebook_size must be <= \d+ \(vit_vq.config.MAX_SIZES\)"),
+        ((), {"dim": 8, "codebook_size": 16, "dead_code_threshold": 2.0}, ValueError, "under dead_code_rule 'relative'"),
     ],
 )
 def test_bad_constructions_raise(args, kwargs, error, match):

@@ -23,7 +23,6 @@ Design:
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .config import FLOAT_RANGES, DeadCodeRule, QuantizerGradient, ViTVQConfig
+from .config import DeadCodeRule, QuantizerGradient, ViTVQConfig
 from .ops import codebook_statistics, nearest_code
 
 Metric = Literal["l2", "cosine"]
@@ -43,9 +42,11 @@ RESTART_NOISE = 0.01  # noise on restart copies, relative to the pool's root-mea
 class QuantizerConfig:
     """The quantizer's own settings: the codebook fields of `ViTVQConfig`, same names and defaults.
 
+    Validated by `ViTVQConfig` itself, so the bounds and ranges are the tokenizer's.
+
     Raises:
-        ValueError: on a non-positive size, a non-bool flag, a decay outside (0, 1), a negative weight
-            or threshold, a non-positive eps, or an unknown gradient or dead-code rule.
+        ValueError: on a size outside (0, `MAX_SIZES`], a non-bool flag, a decay outside (0, 1), a
+            weight, threshold or eps outside `FLOAT_RANGES`, or an unknown gradient or dead-code rule.
     """
 
     codebook_size: int
@@ -62,29 +63,11 @@ class QuantizerConfig:
     dead_code_rule: DeadCodeRule = "relative"
 
     def __post_init__(self) -> None:
-        for name in ("codebook_size", "codebook_dim", "kmeans_iters"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("l2_normalize", "use_ema", "kmeans_init"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("commitment_beta", "ema_decay", "ema_eps", "dead_code_threshold"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        for name in ("ema_eps", "commitment_beta", "dead_code_threshold"):  # the tokenizer config's ranges
-            low, high = FLOAT_RANGES[name]
-            if not low <= getattr(self, name) <= high:
-                raise ValueError(
-                    f"{name} must be in [{low:g}, {high:g}] (vit_vq.config.FLOAT_RANGES), got {getattr(self, name)!r}"
-                )
-        if self.quantizer_gradient not in ("ste", "rotation"):
-            raise ValueError(f"gradient must be 'ste' or 'rotation', got {self.quantizer_gradient!r}")
-        if self.dead_code_rule not in ("relative", "absolute"):
-            raise ValueError(f"dead_code_rule must be 'relative' or 'absolute', got {self.dead_code_rule!r}")
+        # One source of truth: the tokenizer config validates these fields (types, ranges, bounds).
+        try:
+            ViTVQConfig(**dataclasses.asdict(self))
+        except ValueError as err:
+            raise ValueError(str(err).replace("ViTVQConfig.", "")) from None
 
     @classmethod
     def from_config(cls, config: ViTVQConfig) -> QuantizerConfig:
