@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 FORMAT_VERSION = 1
 
@@ -178,7 +178,7 @@ class ViTVQConfig:
                     f"mlp_ratio {self.mlp_ratio} gives {part} MLPs no hidden units ({part}_width "
                     f"{getattr(self, f'{part}_width')} * mlp_ratio rounds to 0)"
                 )
-        heads = ("pixel_shuffle", "conv_upsample")
+        heads = get_args(DecoderHead)
         if self.decoder_head not in heads:
             raise ValueError(f"decoder_head must be one of {heads}, got {self.decoder_head!r}")
         if self.decoder_head == "conv_upsample" and self.patch_size & (self.patch_size - 1):
@@ -186,10 +186,9 @@ class ViTVQConfig:
                 f"decoder_head 'conv_upsample' doubles the token grid log2(patch_size) times, so patch_size "
                 f"must be a power of two, got {self.patch_size}"
             )
-        if self.quantizer_gradient not in ("ste", "rotation"):
-            raise ValueError(f"quantizer_gradient must be 'ste' or 'rotation', got {self.quantizer_gradient!r}")
-        if self.dead_code_rule not in ("relative", "absolute"):
-            raise ValueError(f"dead_code_rule must be 'relative' or 'absolute', got {self.dead_code_rule!r}")
+        for name, kind in (("quantizer_gradient", QuantizerGradient), ("dead_code_rule", DeadCodeRule)):
+            if getattr(self, name) not in get_args(kind):
+                raise ValueError(f"{name} must be one of {get_args(kind)}, got {getattr(self, name)!r}")
         conventions = ("minus_one_one", "zero_one", "imagenet")
         if self.pixel_convention not in conventions:
             raise ValueError(f"pixel_convention must be one of {conventions}, got {self.pixel_convention!r}")

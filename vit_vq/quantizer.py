@@ -255,7 +255,7 @@ class VectorQuantizer(nn.Module):
             e = F.embedding(idx, codebook)  # (N, D)
             codebook_loss = F.mse_loss(e, flat.detach())
             commit_loss = self.config.commitment_beta * F.mse_loss(flat, e.detach())
-            if self.config.quantizer_gradient == "rotation":
+            if self.config.quantizer_gradient == "rotation" and flat.requires_grad:  # same values, other gradient
                 quantized = rotation_trick(flat, e.detach())
             else:
                 quantized = flat + (e - flat).detach()  # straight-through
