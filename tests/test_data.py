@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vit_vq.data import HFImageDataset, ImageFolder, collate_images, list_images, load_image, looks_like_path, open_image_source
+from vit_vq.data import HFImageDataset, ImageFolder, collate_images, list_images, load_image, open_image_source
+from vit_vq.hub import looks_local
 from vit_vq.pipeline.sources import FileImages
 
 
@@ -111,8 +112,8 @@ def test_a_missing_path_is_no_such_folder_not_a_hub_lookup(monkeypatch, data):
 
 
 def test_hub_style_names_still_reach_datasets():
-    assert not looks_like_path("org/name") and not looks_like_path("cifar10")
-    assert looks_like_path("org/name/") and looks_like_path("a\\b")
+    assert not looks_local("org/name") and not looks_local("cifar10")
+    assert looks_local("org/name/") and looks_local("a\\b")
 
 
 def test_corrupt_file_among_real_photos_in_a_datasets_image_column(tmp_path, photo_dir):

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from .hub import looks_local
 from .preprocess import to_tensor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -325,7 +326,7 @@ def open_image_source(
 ) -> Dataset:
     """An `ImageFolder` for a local folder/file, else a `datasets` dataset (saved folder or Hub name).
 
-    A value that looks like a path (`looks_like_path`) and does not exist is an error, never
+    A value that looks like a path (`vit_vq.hub.looks_local`) and does not exist is an error, never
     a Hub lookup.
 
     Raises:
@@ -341,16 +342,9 @@ def open_image_source(
                 "image files, which have no labels"
             )
         return ImageFolder(path, transform)
-    if not path.exists() and looks_like_path(str(data)):
+    if not path.exists() and looks_local(str(data)):
         raise FileNotFoundError(f"no such folder: {str(data)!r}")
     return HFImageDataset(str(data), split=split, image_column=image_column, label_column=label_column, transform=transform)
-
-
-def looks_like_path(value: str) -> bool:
-    """A local path, not a Hub name: starts with `.`, `~` or a separator, ends with a separator,
-    holds a backslash or the OS separator, or has more than the one `/` of `org/name`."""
-    seps = tuple({"/", os.sep})
-    return value.startswith((".", "~", *seps)) or value.endswith(seps) or "\\" in value or value.count("/") > 1
 
 
 def _is_saved_dataset(path: Path) -> bool:

@@ -210,12 +210,10 @@ def _file_sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int)
     Raises:
         ValueError: `path` (links followed) is a FIFO, a device, ...: reading it would never end.
     """
+    from .codes import sha256_file  # codes imports this module
+
     check_regular_file(Path(path))
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def synchronize(device: torch.device) -> None:
