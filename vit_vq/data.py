@@ -282,7 +282,7 @@ class HFImageDataset(Dataset):
             row = self.ds[i]
             label = int(row[self.label_column]) if self.label_column else -1
             value = row[self.image_column]
-            img = _load_cell(value) if isinstance(value, dict) else to_tensor(value)
+            img = load_image_cell(value) if isinstance(value, dict) else to_tensor(value)
             if self.transform is not None:
                 img = self.transform(img)
         except (ValueError, TypeError, OSError, KeyError) as err:
@@ -292,7 +292,7 @@ class HFImageDataset(Dataset):
         return {"pixels": img, "key": str(i), "label": label, "error": None}
 
 
-def _load_cell(cell: dict[str, Any]) -> torch.Tensor:
+def load_image_cell(cell: dict[str, Any]) -> torch.Tensor:
     """An undecoded `datasets.Image` cell `{"bytes": ..., "path": ...}` -> float `[3, H, W]`.
 
     Its bytes when present (even empty: "empty image bytes"), else the file at its path.

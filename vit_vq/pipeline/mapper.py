@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import load_image
+from ..data import load_image, load_image_cell
 from ..preprocess import resize_center_crop, to_tensor
 from ..tokenizer import ViTVQTokenizer
 from .codes import smallest_uint_dtype, to_storage
@@ -49,12 +49,7 @@ def _decode_image(value: Any) -> torch.Tensor:
         ValueError: unreadable bytes or file, an empty cell. TypeError: an unsupported value.
     """
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
-        if value.get("bytes") is not None:  # b"" is an empty image, not a missing one
-            value = bytes(value["bytes"])
-        elif value.get("path"):
-            value = value["path"]
-        else:
-            raise ValueError("image cell has neither bytes nor a path")
+        return load_image_cell(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return load_image(io.BytesIO(value))
     if isinstance(value, (str, Path)):
