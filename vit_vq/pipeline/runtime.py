@@ -56,11 +56,11 @@ class ModelInfo:
 
 def resolve_revision(name: str, revision: str | None) -> str | None:
     """The commit a Hub id resolves to in the local cache, else `revision` (None for local folders)."""
-    if Path(name).expanduser().is_dir():
-        return None
-    try:
-        from .. import hub
+    from .. import hub
 
+    try:
+        if isinstance(hub.resolve_model_name(name), Path):  # a folder, `vit_vq:default` included
+            return None
         cfg, _ = hub.resolve_files(name, revision=revision, local_files_only=True)
     except Exception:  # provenance is best-effort: loading already succeeded
         return revision
