@@ -65,8 +65,10 @@ MODEL = dict(
     decoder_width=256, decoder_depth=4, decoder_heads=4,
     codebook_size=4096, codebook_dim=8, l2_normalize=True,
     use_ema=True, ema_decay=0.99, dead_code_threshold=0.03, commitment_beta=0.25,
-    perceptual_weight=0.0, decoder_head="conv_upsample",
+    perceptual_weight=0.0, decoder_head="conv_upsample", quantizer_gradient="rotation",
 )
+# Fields a warm start may change: the head (its new branch starts at zero) and the gradient rule (no weights).
+WARM_START_MAY_DIFFER = ("decoder_head", "quantizer_gradient")
 WHOLE_PROB = 0.25  # share of training views that are the whole photo at the model's side
 EVAL_SEED = 12345
 # Hand-written findings for the model card, from the shipped CPU run and four 10-minute prototypes.
@@ -382,7 +384,7 @@ def warm_start(tok, folder: Path) -> list[str]:
     """Copy every weight of the tokenizer in `folder` into `tok`; returns the keys left at their init.
 
     Raises:
-        ValueError: the architectures differ other than by `decoder_head`, or a key other than
+        ValueError: the architectures differ other than in `WARM_START_MAY_DIFFER`, or a key other than
             the `conv_upsample` branch (`decoder.upsample.*`) is missing or unexpected.
     """
     import dataclasses
@@ -391,7 +393,7 @@ def warm_start(tok, folder: Path) -> list[str]:
 
     old = ViTVQTokenizer.from_pretrained(folder)
     mine, theirs = dataclasses.asdict(tok.config), dataclasses.asdict(old.config)
-    differ = sorted(k for k in mine if k != "decoder_head" and mine[k] != theirs[k])
+    differ = sorted(k for k in mine if k not in WARM_START_MAY_DIFFER and mine[k] != theirs[k])
     if differ:
         raise ValueError(f"--init-from {folder}: the architectures differ in {differ}")
     missing, unexpected = tok.load_state_dict(old.state_dict(), strict=False)

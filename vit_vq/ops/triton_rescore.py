@@ -14,7 +14,10 @@ import triton.language as tl
 from .torch_backend import Candidates, merge_candidates
 from .triton_backend import sm_count
 
-RESCORE_CONFIG = {"BLOCK_R": 32, "BLOCK_K": 64, "num_warps": 4}
+# Tile and programs per SM from benchmarks/bench_rescore.py on an H200 (docs/benchmarks.md): 16 x 128 tiles
+# were fastest at D = 8, 32 and 512; more codebook splits pay only when each program has a long D loop.
+RESCORE_CONFIG = {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4}
+LONG_D, PROGRAMS_PER_SM_LONG_D, PROGRAMS_PER_SM = 256, 8, 2
 
 
 @triton.jit
@@ -112,7 +115,8 @@ def rescore_triton(z: torch.Tensor, codebook: torch.Tensor, rows: torch.Tensor, 
     if splits is None:
         splits = 1
         if z.device.type == "cuda":
-            splits = max(1, min(triton.cdiv(2 * sm_count(z.device.index or 0), row_blocks), n_codes // 1024))
+            per_sm = PROGRAMS_PER_SM_LONG_D if dim >= LONG_D else PROGRAMS_PER_SM
+            splits = max(1, min(triton.cdiv(per_sm * sm_count(z.device.index or 0), row_blocks), n_codes // 1024))
     codes_per_split = triton.cdiv(triton.cdiv(n_codes, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     splits = triton.cdiv(n_codes, codes_per_split)
     out_idx = torch.empty(splits, n_rows, dtype=torch.int64, device=z.device)
