@@ -25,7 +25,7 @@ nproc | sed 's/^/cpus /' | tee -a "$R/device.txt"
 if has default; then
   D=/tmp/default-gpu
   (timeout "${DEFAULT_S:-450}" python examples/train_default.py --data "${PACK:-.data/pack768}" --device "${DEFAULT_DEVICE:-cuda}" --eval-crops "${DEFAULT_EVAL_CROPS:-1024}" \
-      --init-from vit_vq/assets/default --train all --minutes "${DEFAULT_MINUTES:-5}" \
+      --init-from vit_vq/assets/default_v1 --train all --minutes "${DEFAULT_MINUTES:-4.5}" \
       --batch-size "${DEFAULT_BATCH:-512}" --lr "${DEFAULT_LR:-5e-4}" --workers "${DEFAULT_WORKERS:-13}" \
       --output "$D" > "$R/default.log" 2>&1; echo "default rc=$?" >> "$R/default.log") &
   TRAIN_PID=$!

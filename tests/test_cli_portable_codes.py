@@ -99,7 +99,8 @@ def test_a_codes_file_from_before_the_name_decodes_with_the_bundled_model(tmp_pa
         info = ModelInfo(model_id, None, "0" * 16, "torch", "exact", "fp32")
         return CodesFile(torch.zeros(1, 2, 2, dtype=torch.int64), ["a.png"], 4, 8, info, "0.1.0")
 
-    assert recorded_model(made_by("default"), "c.safetensors") == "vit_vq:default"
+    assert recorded_model(made_by("default"), "c.safetensors") == "vit_vq:default-v1"  # 0.1's name for its default
+    assert recorded_model(made_by("vit_vq:default"), "c.safetensors") == "vit_vq:default"  # no bundled hash matches
     assert recorded_model(made_by("org/name"), "c.safetensors") == "org/name"
     with pytest.raises(Exception, match="records no loadable model.*pass --model"):
         recorded_model(made_by("<in-memory>"), "c.safetensors")
@@ -126,6 +127,39 @@ def test_vit_vq_default_names_the_bundled_model_for_encode_and_decode(capsys, tm
         code, _, err = run_cli(capsys, "decode", codes_path, "-o", out, *extra, *FAST)
         assert code == 0, (extra, err)
         for name, image in zip(codes.names, decoded, strict=True):
+            np.testing.assert_array_equal(png((out / name).with_suffix(".png")), image)
+
+
+def test_codes_of_the_replaced_default_still_decode_and_the_error_names_the_bundled_v1(capsys, tmp_path, photo_dir):
+    """Codes that recorded `vit_vq:default` before the default was replaced were made by what is now
+    `vit_vq:default-v1`: --model-from-codes finds it by config hash; the new default refuses them and
+    the refusal names the bundled model that made them."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    files = list_images(photo_dir)[:2]
+    made = tmp_path / "made_by_v1.safetensors"
+    assert run_cli(capsys, "encode", *files, "-o", made, "--model", "vit_vq:default-v1", *FAST)[0] == 0
+    with safe_open(str(made), framework="np") as f:
+        meta, array = f.metadata(), f.get_tensor("codes")
+    assert json.loads(meta["model_id"]) == "vit_vq:default-v1"
+    meta["model_id"] = json.dumps("vit_vq:default")  # what the same run recorded before the default was replaced
+    old = tmp_path / "old.safetensors"
+    save_file({"codes": array}, str(old), metadata=meta)
+
+    v1 = ViTVQTokenizer.from_pretrained("vit_vq:default-v1")
+    expected = uint8(v1.decode(load_codes(made).codes))
+    code, _, err = run_cli(capsys, "decode", old, "-o", tmp_path / "refused", *FAST)
+    line = error_line(err)
+    assert code == 2 and "they match the bundled vit_vq:default-v1: --model vit_vq:default-v1" in line
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+    for extra in (["--model-from-codes"], ["--model", "vit_vq:default-v1"]):
+        out = tmp_path / extra[-1].replace(":", "_")
+        code, _, err = run_cli(capsys, "decode", old, "-o", out, *extra, *FAST)
+        assert code == 0, (extra, err)
+        if extra == ["--model-from-codes"]:
+            assert f"using the model recorded in {old}: vit_vq:default-v1" in err
+        for name, image in zip(load_codes(old).names, expected, strict=True):
             np.testing.assert_array_equal(png((out / name).with_suffix(".png")), image)
 
 

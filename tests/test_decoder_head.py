@@ -12,11 +12,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vit_vq import ViTVQConfig, ViTVQTokenizer
 from vit_vq.decoder import ConvUpsample, Decoder, head_flops
-from vit_vq.default_model import default_model_dir
+from vit_vq.default_model import bundled_model_dir, bundled_name_for, default_model_dir
 
-# ViTVQConfig.config_hash() of the packaged default and of the tiny preset, computed before the
-# decoder_head field existed: codes files record it and `vit-vq decode` checks it.
+# ViTVQConfig.config_hash() of the 0.1 default (bundled as vit_vq:default-v1) and of the tiny preset,
+# computed before the decoder_head field existed: codes files record it and `vit-vq decode` checks it.
 HASH_BEFORE = {"default": "86fd93c4e8075ac7", "tiny": "cf6d8e1603914702"}
+# sha256 of the 0.1 default's model.safetensors as it shipped in vit_vq 0.1 (assets/default/ then).
+V1_WEIGHTS_SHA256 = "d6c067492202f97453f8fdba4b60e70f1c45a9715f2f392fcb44238ca7c47a5d"
 
 
 def old_decoder_forward(dec: Decoder, codes: torch.Tensor) -> torch.Tensor:
@@ -32,10 +34,14 @@ def tiny(**overrides) -> ViTVQConfig:
     return ViTVQConfig.from_preset("tiny", **overrides)
 
 
-def test_packaged_default_has_no_field_and_loads_as_pixel_shuffle():
-    raw = json.loads((default_model_dir() / "config.json").read_text())
+def test_the_01_default_is_still_bundled_byte_for_byte_and_loads_as_pixel_shuffle():
+    import hashlib
+
+    folder = bundled_model_dir("default-v1")
+    assert hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() == V1_WEIGHTS_SHA256
+    raw = json.loads((folder / "config.json").read_text())
     assert "decoder_head" not in raw  # the file as shipped before the field existed
-    tok = ViTVQTokenizer.default()
+    tok = ViTVQTokenizer.from_pretrained("vit_vq:default-v1")
     assert tok.config.decoder_head == "pixel_shuffle"
     assert tok.decoder.upsample is None
     assert not any(k.startswith("decoder.upsample") for k in tok.state_dict())
@@ -44,9 +50,20 @@ def test_packaged_default_has_no_field_and_loads_as_pixel_shuffle():
     assert tiny(decoder_head="conv_upsample").config_hash() != HASH_BEFORE["tiny"]
 
 
-@torch.no_grad()
-def test_packaged_default_decodes_bit_for_bit_as_the_old_head():
+def test_the_shipped_default_is_v2_with_the_seamless_head_and_its_own_config_hash():
     tok = ViTVQTokenizer.default()
+    assert tok.config.decoder_head == "conv_upsample" and tok.config.quantizer_gradient == "rotation"
+    assert tok.decoder.upsample is not None
+    assert tok.config.config_hash() != HASH_BEFORE["default"]
+    assert bundled_name_for(tok.config.config_hash()) == "vit_vq:default"
+    assert bundled_name_for(HASH_BEFORE["default"]) == "vit_vq:default-v1"
+    assert bundled_name_for("0" * 16) is None
+    assert default_model_dir() == bundled_model_dir("default")
+
+
+@torch.no_grad()
+def test_the_01_default_decodes_bit_for_bit_as_the_old_head():
+    tok = ViTVQTokenizer.from_pretrained("vit_vq:default-v1")
     codes = torch.randint(0, tok.config.codebook_size, (3, 16, 16), generator=torch.Generator().manual_seed(0))
     vectors = tok.embed_codes(codes).flatten(1, 2)  # (B, h*w, D)
     expected = (old_decoder_forward(tok.decoder, vectors).float() * tok.pixel_std + tok.pixel_mean).clamp(0, 1)

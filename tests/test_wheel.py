@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ASSET_FILES = ("vit_vq/assets/default/config.json", "vit_vq/assets/default/model.safetensors", "vit_vq/assets/default/README.md")
+ASSET_FILES = tuple(f"vit_vq/assets/{d}/{f}" for d in ("default", "default_v1") for f in ("config.json", "model.safetensors", "README.md"))
 COPY_IGNORE = shutil.ignore_patterns(
     ".git", ".venv*", ".data", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"
 )

@@ -4,6 +4,10 @@
 model card). Its name is `vit_vq:default`: `ViTVQTokenizer.from_pretrained("vit_vq:default")`,
 every CLI `--model` / `--init` and `TokenizeBatch` accept it (`vit_vq.hub.resolve_model_name`
 maps it to that folder); no Hub id is involved, so it works with no network.
+
+Earlier defaults stay bundled under their own names, so codes they made still decode:
+`vit_vq:default-v1` is the default of vit_vq 0.1 (`assets/default_v1/`). `bundled_name_for`
+finds the bundled model a codes file's config hash belongs to.
 `sample_photos()` lists the bundled demo photos (never seen in training; public domain, CC0
 or CC-BY, credited in `samples/CREDITS.md`).
 """
@@ -18,6 +22,7 @@ import torch
 from .tokenizer import ViTVQTokenizer
 
 DEFAULT_DIR = ("assets", "default")
+BUNDLED_DIRS = {"default": DEFAULT_DIR, "default-v1": ("assets", "default_v1")}  # name after `vit_vq:` -> folder
 SAMPLES_DIR = ("assets", "samples")
 SAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -36,7 +41,32 @@ def default_model_dir() -> Path:
     Raises:
         FileNotFoundError: the package was installed without its assets.
     """
-    return _asset(DEFAULT_DIR, "the packaged default tokenizer")
+    return bundled_model_dir("default")
+
+
+def bundled_model_dir(name: str) -> Path:
+    """The folder of the bundled model `vit_vq:<name>` (`name` one of `BUNDLED_DIRS`).
+
+    Raises:
+        KeyError: an unknown name.
+        FileNotFoundError: the package was installed without its assets.
+    """
+    what = "the packaged default tokenizer" if name == "default" else f"the bundled tokenizer vit_vq:{name}"
+    return _asset(BUNDLED_DIRS[name], what)
+
+
+def bundled_name_for(config_hash: str) -> str | None:
+    """`vit_vq:<name>` of the bundled model whose `ViTVQConfig.config_hash()` is `config_hash`, else None.
+    Reads only the bundled `config.json` files."""
+    import json
+
+    from .config import ViTVQConfig
+
+    for name in BUNDLED_DIRS:
+        config = json.loads((bundled_model_dir(name) / "config.json").read_text(encoding="utf-8"))
+        if ViTVQConfig.from_dict(config).config_hash() == config_hash:
+            return f"vit_vq:{name}"
+    return None
 
 
 def load_default(map_location: str | torch.device = "cpu") -> ViTVQTokenizer:
@@ -63,4 +93,4 @@ def sample_photos() -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in SAMPLE_SUFFIXES)
 
 
-__all__ = ["load_default", "default_model_dir", "model_card", "sample_photos"]
+__all__ = ["load_default", "default_model_dir", "bundled_model_dir", "bundled_name_for", "model_card", "sample_photos"]

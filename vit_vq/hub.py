@@ -80,7 +80,7 @@ def current_umask() -> int:
 
 
 NAME_PREFIX = "vit_vq:"
-BUNDLED_NAMES = ("default",)
+BUNDLED_NAMES = ("default", "default-v1")  # vit_vq.default_model.BUNDLED_DIRS holds their folders
 
 
 def looks_local(name: str) -> bool:
@@ -95,6 +95,7 @@ def resolve_model_name(name: str | Path) -> str | Path:
     """Where a model name points, without any network call: a local folder (`Path`) or a Hub id (`str`).
 
     - `vit_vq:default`: the tokenizer bundled with the package (`vit_vq.default_model`);
+      `vit_vq:default-v1`: the bundled default of vit_vq 0.1, kept so that its codes still decode;
     - a `Path`, an existing path, a path-shaped string (see `looks_local`), or any name whose
       folder (through symlinks) was lost to a crash mid-save and whose old copy lies beside it:
       a local folder, restored first in the last case (`vit_vq.saving.recover`);
@@ -110,9 +111,9 @@ def resolve_model_name(name: str | Path) -> str | Path:
         if bundled not in BUNDLED_NAMES:
             known = ", ".join(NAME_PREFIX + n for n in BUNDLED_NAMES)
             raise ValueError(f"unknown bundled model {text!r}; known names: {known}")
-        from .default_model import default_model_dir
+        from .default_model import bundled_model_dir
 
-        return default_model_dir()
+        return bundled_model_dir(bundled)
     from .saving import lost_to_a_crash, recover
 
     path = Path(text).expanduser()

@@ -14,9 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..default_model import bundled_name_for
+from ..hub import NAME_PREFIX
 from ..pipeline.codes import CodesFile, load_codes
 from .common import (
-    DEFAULT_MODEL,
     add_model_args,
     add_overwrite_arg,
     device_of,
@@ -29,7 +30,8 @@ from .common import (
 from .main import CLIError
 
 UNNAMED_MODELS = ("<in-memory>",)  # recorded when codes came from a tokenizer object, not a name
-OLD_DEFAULT_ID = "default"  # what codes files recorded for the bundled model before it had a name
+OLD_DEFAULT_ID = "default"  # what vit_vq 0.1 recorded for its bundled model, now `vit_vq:default-v1`
+OLD_DEFAULT_MODEL = "vit_vq:default-v1"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -57,7 +59,17 @@ def recorded_model(codes: CodesFile, path: str) -> str:
     name = codes.model.model_id
     if name in UNNAMED_MODELS:
         raise CLIError(f"{path} records no loadable model (made by a tokenizer object in Python); pass --model")
-    return DEFAULT_MODEL if name == OLD_DEFAULT_ID else name
+    if name == OLD_DEFAULT_ID:
+        return OLD_DEFAULT_MODEL
+    if name.startswith(NAME_PREFIX):  # a bundled name: the default it meant may since have been replaced
+        return bundled_name_for(codes.model.config_hash) or name
+    return name
+
+
+def bundled_hint(codes: CodesFile, model: str) -> str:
+    """A pointer to the bundled model that made `codes`, when that is not `model` (else "")."""
+    match = bundled_name_for(codes.model.config_hash)
+    return f"; they match the bundled {match}: --model {match}" if match and match != model else ""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,13 +92,13 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(
             f"{args.codes} was made by {codes.model.model_id} (config hash {codes.model.config_hash}), but "
             f"{info.model_id} has config hash {info.config_hash}; decode with the model that encoded them "
-            "(--model NAME, or --model-from-codes)"
+            f"(--model NAME, or --model-from-codes){bundled_hint(codes, info.model_id)}"
         )
     if codes.model.decoder_hash and info.decoder_hash != codes.model.decoder_hash:
         raise CLIError(
             f"{args.codes} was made with decoder weights {codes.model.decoder_hash}, but {info.model_id} has "
             f"decoder weights {info.decoder_hash}: the weights changed since encoding; decode with the model that "
-            "encoded them"
+            f"encoded them{bundled_hint(codes, info.model_id)}"
         )
     device = device_of(tok)
     bar = progress(None, len(paths), "decode")
