@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--small", action="store_true", help="one small case (an interpreter dry run)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_rescore.py: no CUDA device here; for a dry run use TRITON_INTERPRET=1 with --device cpu --small")
     args.out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device)
     gen = torch.Generator(device=dev).manual_seed(0)

@@ -6,7 +6,7 @@
 #   OUT=/some/dir STAGES="default contract lookup" PACK=.data/pack768 bash benchmarks/gpu_session.sh
 #
 # Stages (in this order; "default" runs in the background while "contract" runs):
-#   default   examples/train_default.py warm-started from the shipped model (DEFAULT_MINUTES, PACK)
+#   default   examples/train_default.py warm-started from vit_vq:default-v1 (DEFAULT_MINUTES, PACK): the v2 recipe
 #   rescore   benchmarks/bench_rescore.py (exact mode's float64 rescoring: layouts, tiles, splits)
 #   contract  tests/test_backend_contract.py on CUDA (exact mode: 0 rows off the float64 optimum)
 #   lookup    benchmarks/bench_lookup.py (LOOKUP_CASES, or the five built-in cases)

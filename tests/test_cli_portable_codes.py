@@ -163,6 +163,40 @@ def test_codes_of_the_replaced_default_still_decode_and_the_error_names_the_bund
             np.testing.assert_array_equal(png((out / name).with_suffix(".png")), image)
 
 
+def test_a_fine_tune_of_the_old_default_is_not_taken_for_it(capsys, tmp_path, photo_dir):
+    """Same config as vit_vq:default-v1, other decoder weights: no hint pointing at the bundled model."""
+    tok = ViTVQTokenizer.from_pretrained("vit_vq:default-v1")
+    with torch.no_grad():
+        tok.decoder.refine.bias.add_(1e-3)
+    tok.save_pretrained(tmp_path / "my_ft")
+    codes_path = tmp_path / "ft.safetensors"
+    files = list_images(photo_dir)[:1]
+    assert run_cli(capsys, "encode", *files, "-o", codes_path, "--model", tmp_path / "my_ft", *FAST)[0] == 0
+    for model in ("vit_vq:default", "vit_vq:default-v1"):
+        code, _, err = run_cli(capsys, "decode", codes_path, "-o", tmp_path / "out", "--model", model, *FAST)
+        line = error_line(err)
+        assert code == 2 and "default-v1: --model" not in line, line
+    code, _, err = run_cli(capsys, "decode", codes_path, "-o", tmp_path / "out", "--model-from-codes", *FAST)
+    assert code == 0 and "my_ft" in err, err
+
+
+def test_a_tokenize_folder_of_the_old_default_names_it_when_refused_and_resumes_with_it(capsys, tmp_path, photo_dir):
+    data = tmp_path / "two_photos"
+    data.mkdir()
+    for f in list_images(photo_dir)[:2]:
+        shutil.copy(f, data / f.name)
+    out = tmp_path / "out"
+    v1 = ["--model", "vit_vq:default-v1"]
+    assert run_cli(capsys, "tokenize", "--data", data, "--out", out, *v1, "--no-progress", *FAST)[0] == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    code, _, err = run_cli(capsys, "tokenize", "--data", data, "--out", out, "--no-progress", *FAST)
+    line = error_line(err)
+    assert code == 2 and "the bundled vit_vq:default-v1 made it: --model vit_vq:default-v1 resumes" in line
+    code, _, err = run_cli(capsys, "tokenize", "--data", data, "--out", out, *v1, "--no-progress", *FAST)
+    assert code == 0 and "0 written, 1 already complete" in err, err
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name in before} == before
+
+
 def test_float_codes_are_refused_not_truncated(capsys, tmp_path, photo_dir, tiny_tokenizer_dir):
     from safetensors import safe_open
     from safetensors.numpy import save_file

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vit_vq import ViTVQConfig, ViTVQTokenizer
 from vit_vq.decoder import ConvUpsample, Decoder, head_flops
 from vit_vq.default_model import bundled_model_dir, bundled_name_for, default_model_dir
+from vit_vq.pipeline.runtime import decoder_hash
 
 # ViTVQConfig.config_hash() of the 0.1 default (bundled as vit_vq:default-v1) and of the tiny preset,
 # computed before the decoder_head field existed: codes files record it and `vit-vq decode` checks it.
@@ -58,6 +59,11 @@ def test_the_shipped_default_is_v2_with_the_seamless_head_and_its_own_config_has
     assert bundled_name_for(tok.config.config_hash()) == "vit_vq:default"
     assert bundled_name_for(HASH_BEFORE["default"]) == "vit_vq:default-v1"
     assert bundled_name_for("0" * 16) is None
+    v1 = ViTVQTokenizer.from_pretrained("vit_vq:default-v1")
+    assert bundled_name_for(HASH_BEFORE["default"], decoder_hash(v1)) == "vit_vq:default-v1"
+    with torch.no_grad():
+        v1.decoder.refine.bias.add_(1e-3)  # a fine-tune of v1: same config, other decoder weights
+    assert bundled_name_for(HASH_BEFORE["default"], decoder_hash(v1)) is None
     assert default_model_dir() == bundled_model_dir("default")
 
 

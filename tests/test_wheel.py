@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ASSET_FILES = tuple(f"vit_vq/assets/{d}/{f}" for d in ("default", "default_v1") for f in ("config.json", "model.safetensors", "README.md"))
+BUNDLED_FOLDERS, BUNDLED_FILES = ("default", "default_v1"), ("config.json", "model.safetensors", "README.md")
+ASSET_FILES = tuple(f"vit_vq/assets/{folder}/{name}" for folder in BUNDLED_FOLDERS for name in BUNDLED_FILES)
 COPY_IGNORE = shutil.ignore_patterns(
     ".git", ".venv*", ".data", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"
 )

@@ -3,7 +3,7 @@
 `import vit_vq` is light: transformers, accelerate and triton are imported only where used.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .config import PRESETS, ViTVQConfig
 from .quantizer import QuantizerOutput, VectorQuantizer

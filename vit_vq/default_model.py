@@ -14,6 +14,8 @@ or CC-BY, credited in `samples/CREDITS.md`).
 
 from __future__ import annotations
 
+import functools
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -55,18 +57,29 @@ def bundled_model_dir(name: str) -> Path:
     return _asset(BUNDLED_DIRS[name], what)
 
 
-def bundled_name_for(config_hash: str) -> str | None:
-    """`vit_vq:<name>` of the bundled model whose `ViTVQConfig.config_hash()` is `config_hash`, else None.
-    Reads only the bundled `config.json` files."""
-    import json
+def bundled_name_for(config_hash: str, decoder_hash: str | None = None) -> str | None:
+    """`vit_vq:<name>` of the bundled model with this `ViTVQConfig.config_hash()` and, when given, this
+    `vit_vq.pipeline.runtime.decoder_hash` (the weights that turn codes into pixels), else None.
 
+    Reads the bundled `config.json` files; loads a bundled model's weights only when its config
+    matches and a decoder hash is given, so a fine-tune of a bundled model is never taken for it.
+    """
     from .config import ViTVQConfig
 
     for name in BUNDLED_DIRS:
         config = json.loads((bundled_model_dir(name) / "config.json").read_text(encoding="utf-8"))
-        if ViTVQConfig.from_dict(config).config_hash() == config_hash:
+        if ViTVQConfig.from_dict(config).config_hash() != config_hash:
+            continue
+        if decoder_hash is None or _bundled_decoder_hash(name) == decoder_hash:
             return f"vit_vq:{name}"
     return None
+
+
+@functools.cache
+def _bundled_decoder_hash(name: str) -> str:
+    from .pipeline.runtime import decoder_hash
+
+    return decoder_hash(ViTVQTokenizer.from_pretrained(f"vit_vq:{name}"))
 
 
 def load_default(map_location: str | torch.device = "cpu") -> ViTVQTokenizer:

@@ -25,7 +25,8 @@ from .main import CLIError
 
 HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[\w.-]+)?")
 DEFAULT_MODEL = "vit_vq:default"  # the tokenizer bundled with the package (no download)
-MODEL_HELP = f"Hub id, local folder, or {DEFAULT_MODEL} (the bundled tokenizer, used when --model is left out)"
+MODEL_HELP = (f"Hub id, local folder, or {DEFAULT_MODEL} (the bundled tokenizer, used when --model is left out); "
+              "vit_vq:default-v1 is the bundled default of vit_vq 0.1")
 
 
 # -- arguments ------------------------------------------------------------------------

@@ -62,13 +62,13 @@ def recorded_model(codes: CodesFile, path: str) -> str:
     if name == OLD_DEFAULT_ID:
         return OLD_DEFAULT_MODEL
     if name.startswith(NAME_PREFIX):  # a bundled name: the default it meant may since have been replaced
-        return bundled_name_for(codes.model.config_hash) or name
+        return bundled_name_for(codes.model.config_hash, codes.model.decoder_hash) or name
     return name
 
 
 def bundled_hint(codes: CodesFile, model: str) -> str:
     """A pointer to the bundled model that made `codes`, when that is not `model` (else "")."""
-    match = bundled_name_for(codes.model.config_hash)
+    match = bundled_name_for(codes.model.config_hash, codes.model.decoder_hash)
     return f"; they match the bundled {match}: --model {match}" if match and match != model else ""
 
 
@@ -89,8 +89,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"using the model recorded in {args.codes}: {name}", file=sys.stderr)
     tok, info = setup_model(args, name)
     if info.config_hash != codes.model.config_hash:
+        made_by = f"an earlier {codes.model.model_id}" if codes.model.model_id == info.model_id else codes.model.model_id
         raise CLIError(
-            f"{args.codes} was made by {codes.model.model_id} (config hash {codes.model.config_hash}), but "
+            f"{args.codes} was made by {made_by} (config hash {codes.model.config_hash}), but "
             f"{info.model_id} has config hash {info.config_hash}; decode with the model that encoded them "
             f"(--model NAME, or --model-from-codes){bundled_hint(codes, info.model_id)}"
         )
