@@ -67,7 +67,7 @@ def test_encode_decode_round_trip(capsys, tmp_path, photo_dir, tiny_tokenizer_di
     # decode without --model uses the bundled model, never the one the file names: refused, nothing written
     out = tmp_path / "decoded"
     code, _, err = run_cli(capsys, "decode", codes_path, "-o", out, *FAST)
-    assert code == 2 and "but vit_vq:default has config hash" in err and "--model-from-codes" in err
+    assert code == 2 and "but vit_vq:default here has config hash" in err and "--model-from-codes" in err
     assert not out.exists()
     # --model-from-codes uses the recorded model; PNGs equal the API's decode, named after the inputs
     code, _, err = run_cli(capsys, "decode", codes_path, "-o", out, "--model-from-codes", *FAST)

@@ -78,7 +78,7 @@ def test_decode_uses_the_named_model_and_the_recorded_one_only_when_asked(capsys
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "decode", codes_path, "-o", out, *FAST)  # no --model: the bundled one
     line = error_line(err)
-    assert code == 2 and "vit_vq:default has config hash" in line and "--model-from-codes" in line
+    assert code == 2 and "vit_vq:default here has config hash" in line and "--model-from-codes" in line
     assert "using the model recorded" not in err
 
     code, _, err = run_cli(capsys, "decode", codes_path, "-o", out, "--model", tiny_tokenizer_dir, "--model-from-codes", *FAST)
@@ -158,7 +158,7 @@ def test_codes_of_the_replaced_default_still_decode_and_the_error_names_the_bund
         code, _, err = run_cli(capsys, "decode", old, "-o", out, *extra, *FAST)
         assert code == 0, (extra, err)
         if extra == ["--model-from-codes"]:
-            assert f"using the model recorded in {old}: vit_vq:default-v1" in err
+            assert f"using vit_vq:default-v1, whose hashes match {old} (it records 'vit_vq:default')" in err
         for name, image in zip(load_codes(old).names, expected, strict=True):
             np.testing.assert_array_equal(png((out / name).with_suffix(".png")), image)
 
@@ -195,6 +195,53 @@ def test_a_tokenize_folder_of_the_old_default_names_it_when_refused_and_resumes_
     code, _, err = run_cli(capsys, "tokenize", "--data", data, "--out", out, *v1, "--no-progress", *FAST)
     assert code == 0 and "0 written, 1 already complete" in err, err
     assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name in before} == before
+
+
+def _with_metadata(src, dst, **changes):
+    """A copy of the codes file `src` at `dst` with metadata fields replaced (values JSON-encoded)."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(src), framework="np") as f:
+        meta, array = f.metadata(), f.get_tensor("codes")
+    save_file({"codes": array}, str(dst), metadata={**meta, **{k: json.dumps(v) for k, v in changes.items()}})
+    return dst
+
+
+def test_hostile_model_records_give_one_line_errors_and_print_as_one_line(capsys, tmp_path, photo_dir):
+    made = tmp_path / "v1.safetensors"
+    files = list_images(photo_dir)[:1]
+    assert run_cli(capsys, "encode", *files, "-o", made, "--model", "vit_vq:default-v1", *FAST)[0] == 0
+    for value in (7, None, ["vit_vq:default-v1"]):  # model_id must be a string
+        bad = _with_metadata(made, tmp_path / "bad.safetensors", model_id=value)
+        code, _, err = run_cli(capsys, "decode", bad, "-o", tmp_path / "out", "--model-from-codes", *FAST)
+        line = error_line(err)
+        assert code == 2 and "codes metadata field 'model_id' must be a string" in line, line
+    # an unknown bundled-looking name is not remapped: the error lists the known names
+    odd = _with_metadata(made, tmp_path / "odd.safetensors", model_id="vit_vq:../../etc")
+    code, _, err = run_cli(capsys, "decode", odd, "-o", tmp_path / "out", "--model-from-codes", *FAST)
+    assert code == 2 and "known names: vit_vq:default, vit_vq:default-v1" in error_line(err)
+    # a name with a newline and terminal escapes is shown as its repr, on one line
+    shouty = _with_metadata(made, tmp_path / "shouty.safetensors", model_id="vit_vq:default\n\x1b[31mFAKE")
+    code, _, err = run_cli(capsys, "decode", shouty, "-o", tmp_path / "out", *FAST)
+    line = error_line(err)
+    assert code == 2 and "\x1b" not in err and "'vit_vq:default\\n\\x1b[31mFAKE'" in line, err
+
+
+def test_a_broken_bundled_model_does_not_hide_the_real_error(capsys, tmp_path, photo_dir, tiny_tokenizer_dir, monkeypatch):
+    import vit_vq.default_model as dm
+
+    made = tmp_path / "v1.safetensors"
+    files = list_images(photo_dir)[:1]
+    assert run_cli(capsys, "encode", *files, "-o", made, "--model", "vit_vq:default-v1", *FAST)[0] == 0
+    monkeypatch.setitem(dm.BUNDLED_DIRS, "default", ("assets", "no-such-folder"))  # a broken install
+    assert dm.bundled_name_for(load_codes(made).model.config_hash) == "vit_vq:default-v1"
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "decode", made, "-o", out, "--model-from-codes", *FAST)
+    assert code == 0 and "using the model recorded in" in err, err
+    code, _, err = run_cli(capsys, "decode", made, "-o", tmp_path / "out2", "--model", tiny_tokenizer_dir, *FAST)
+    line = error_line(err)
+    assert code == 2 and "config hash" in line and "missing" not in line, line
 
 
 def test_float_codes_are_refused_not_truncated(capsys, tmp_path, photo_dir, tiny_tokenizer_dir):

@@ -63,15 +63,19 @@ def bundled_name_for(config_hash: str, decoder_hash: str | None = None) -> str |
 
     Reads the bundled `config.json` files; loads a bundled model's weights only when its config
     matches and a decoder hash is given, so a fine-tune of a bundled model is never taken for it.
+    A bundled model that cannot be read (missing or corrupt files) matches nothing.
     """
     from .config import ViTVQConfig
 
     for name in BUNDLED_DIRS:
-        config = json.loads((bundled_model_dir(name) / "config.json").read_text(encoding="utf-8"))
-        if ViTVQConfig.from_dict(config).config_hash() != config_hash:
+        try:  # a bundled model that cannot be read (a broken install) matches nothing
+            config = json.loads((bundled_model_dir(name) / "config.json").read_text(encoding="utf-8"))
+            if ViTVQConfig.from_dict(config).config_hash() != config_hash:
+                continue
+            if decoder_hash is None or _bundled_decoder_hash(name) == decoder_hash:
+                return f"vit_vq:{name}"
+        except (OSError, ValueError, TypeError, RuntimeError):
             continue
-        if decoder_hash is None or _bundled_decoder_hash(name) == decoder_hash:
-            return f"vit_vq:{name}"
     return None
 
 

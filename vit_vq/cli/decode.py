@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ..default_model import bundled_name_for
-from ..hub import NAME_PREFIX
+from ..hub import BUNDLED_NAMES, NAME_PREFIX
 from ..pipeline.codes import CodesFile, load_codes
 from .common import (
     add_model_args,
@@ -61,9 +61,15 @@ def recorded_model(codes: CodesFile, path: str) -> str:
         raise CLIError(f"{path} records no loadable model (made by a tokenizer object in Python); pass --model")
     if name == OLD_DEFAULT_ID:
         return OLD_DEFAULT_MODEL
-    if name.startswith(NAME_PREFIX):  # a bundled name: the default it meant may since have been replaced
+    if name.startswith(NAME_PREFIX) and name[len(NAME_PREFIX):] in BUNDLED_NAMES:
+        # a bundled name: the default it meant may since have been replaced by another
         return bundled_name_for(codes.model.config_hash, codes.model.decoder_hash) or name
     return name
+
+
+def printable(name: str) -> str:
+    """`name` as is when it prints as one plain line, else its repr (a codes file is someone else's file)."""
+    return name if name.isprintable() else repr(name)
 
 
 def bundled_hint(codes: CodesFile, model: str) -> str:
@@ -86,18 +92,21 @@ def run(args: argparse.Namespace) -> int:
         name = recorded_model(codes, args.codes)
         if args.revision is None:
             args.revision = codes.model.revision  # the commit that made the codes
-        print(f"using the model recorded in {args.codes}: {name}", file=sys.stderr)
+        if name == codes.model.model_id:
+            print(f"using the model recorded in {args.codes}: {printable(name)}", file=sys.stderr)
+        else:
+            print(f"using {name}, whose hashes match {args.codes} (it records {codes.model.model_id!r})", file=sys.stderr)
     tok, info = setup_model(args, name)
     if info.config_hash != codes.model.config_hash:
-        made_by = f"an earlier {codes.model.model_id}" if codes.model.model_id == info.model_id else codes.model.model_id
+        how = "--model NAME" if args.model_from_codes else "--model NAME, or --model-from-codes"
         raise CLIError(
-            f"{args.codes} was made by {made_by} (config hash {codes.model.config_hash}), but "
-            f"{info.model_id} has config hash {info.config_hash}; decode with the model that encoded them "
-            f"(--model NAME, or --model-from-codes){bundled_hint(codes, info.model_id)}"
+            f"{args.codes} was made by {printable(codes.model.model_id)} with config hash {codes.model.config_hash!r}, "
+            f"but {printable(info.model_id)} here has config hash {info.config_hash}; decode with the model that "
+            f"encoded them ({how}){bundled_hint(codes, info.model_id)}"
         )
     if codes.model.decoder_hash and info.decoder_hash != codes.model.decoder_hash:
         raise CLIError(
-            f"{args.codes} was made with decoder weights {codes.model.decoder_hash}, but {info.model_id} has "
+            f"{args.codes} was made with decoder weights {printable(codes.model.decoder_hash)}, but {info.model_id} has "
             f"decoder weights {info.decoder_hash}: the weights changed since encoding; decode with the model that "
             f"encoded them{bundled_hint(codes, info.model_id)}"
         )

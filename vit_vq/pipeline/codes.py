@@ -171,6 +171,9 @@ def load_codes(path: str | Path) -> CodesFile:
         codebook_size, image_size = int(meta["codebook_size"]), int(meta["image_size"])
     except (KeyError, ValueError) as err:
         raise ValueError(f"{path}: codes metadata is missing or malformed ({err})") from err
+    for key, value in fields.items():  # every ModelInfo field is a string; revision and decoder_hash may be null
+        if not (isinstance(value, str) or (value is None and key in ("revision", "decoder_hash"))):
+            raise ValueError(f"{path}: codes metadata field {key!r} must be a string, got {type(value).__name__} {value!r:.80}")
     if version < 2 and fields.get("decoder_hash"):
         warnings.warn(
             f"{path} was written by an older vit_vq (codes format {version}) whose decoder_hash depends on the "
