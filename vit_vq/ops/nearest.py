@@ -205,7 +205,8 @@ def nearest_code(
 
     Returns:
         int64 `[N]`, or a `NearestCodeResult` when `return_distances`. Equal distances go to the
-        lowest index.
+        lowest index. Inputs must be finite: for NaN or infinite values the result is unspecified
+        and differs between backends (no check is made: it would cost a pass and, on GPU, a sync).
 
     Raises:
         ValueError / TypeError: on bad shapes, dtypes or options.
