@@ -7,7 +7,7 @@ maps it to that folder); no Hub id is involved, so it works with no network.
 
 Earlier defaults stay bundled under their own names, so codes they made still decode:
 `vit_vq:default-v1` is the default of vit_vq 0.1 (`assets/default_v1/`). `bundled_name_for`
-finds the bundled model a codes file's config hash belongs to.
+finds the bundled model that the config and decoder hashes recorded with some codes belong to.
 `sample_photos()` lists the bundled demo photos (never seen in training; public domain, CC0
 or CC-BY, credited in `samples/CREDITS.md`).
 """
@@ -65,18 +65,32 @@ def bundled_name_for(config_hash: str, decoder_hash: str | None = None) -> str |
     matches and a decoder hash is given, so a fine-tune of a bundled model is never taken for it.
     A bundled model that cannot be read (missing or corrupt files) matches nothing.
     """
-    from .config import ViTVQConfig
-
     for name in BUNDLED_DIRS:
         try:  # a bundled model that cannot be read (a broken install) matches nothing
-            config = json.loads((bundled_model_dir(name) / "config.json").read_text(encoding="utf-8"))
-            if ViTVQConfig.from_dict(config).config_hash() != config_hash:
+            if _bundled_config_hash(name) != config_hash:
                 continue
             if decoder_hash is None or _bundled_decoder_hash(name) == decoder_hash:
                 return f"vit_vq:{name}"
         except (OSError, ValueError, TypeError, RuntimeError):
             continue
     return None
+
+
+def bundled_hint(config_hash: object, decoder_hash: object, model: object) -> str:
+    """"; they match the bundled vit_vq:X: --model vit_vq:X" when the hashes some codes record (taken
+    as given: they come from someone else's file) belong to a bundled model other than `model`, else ""."""
+    if not isinstance(config_hash, str) or not isinstance(decoder_hash, str | None):
+        return ""
+    match = bundled_name_for(config_hash, decoder_hash)
+    return f"; they match the bundled {match}: --model {match}" if match and match != model else ""
+
+
+@functools.cache  # failures are not cached: a repaired install is read again
+def _bundled_config_hash(name: str) -> str:
+    from .config import ViTVQConfig
+
+    config = json.loads((bundled_model_dir(name) / "config.json").read_text(encoding="utf-8"))
+    return ViTVQConfig.from_dict(config).config_hash()
 
 
 @functools.cache
@@ -110,4 +124,6 @@ def sample_photos() -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in SAMPLE_SUFFIXES)
 
 
-__all__ = ["load_default", "default_model_dir", "bundled_model_dir", "bundled_name_for", "model_card", "sample_photos"]
+__all__ = [
+    "load_default", "default_model_dir", "bundled_model_dir", "bundled_name_for", "bundled_hint", "model_card", "sample_photos",
+]

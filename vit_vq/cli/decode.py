@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..default_model import bundled_name_for
+from ..default_model import bundled_hint, bundled_name_for
 from ..hub import BUNDLED_NAMES, NAME_PREFIX
 from ..pipeline.codes import CodesFile, load_codes
 from .common import (
@@ -72,12 +72,6 @@ def printable(name: str) -> str:
     return name if name.isprintable() else repr(name)
 
 
-def bundled_hint(codes: CodesFile, model: str) -> str:
-    """A pointer to the bundled model that made `codes`, when that is not `model` (else "")."""
-    match = bundled_name_for(codes.model.config_hash, codes.model.decoder_hash)
-    return f"; they match the bundled {match}: --model {match}" if match and match != model else ""
-
-
 def run(args: argparse.Namespace) -> int:
     if args.model_from_codes and args.model is not None:
         raise CLIError("give either --model or --model-from-codes, not both")
@@ -102,13 +96,13 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(
             f"{args.codes} was made by {printable(codes.model.model_id)} with config hash {codes.model.config_hash!r}, "
             f"but {printable(info.model_id)} here has config hash {info.config_hash}; decode with the model that "
-            f"encoded them ({how}){bundled_hint(codes, info.model_id)}"
+            f"encoded them ({how}){bundled_hint(codes.model.config_hash, codes.model.decoder_hash, info.model_id)}"
         )
     if codes.model.decoder_hash and info.decoder_hash != codes.model.decoder_hash:
         raise CLIError(
             f"{args.codes} was made with decoder weights {printable(codes.model.decoder_hash)}, but {info.model_id} has "
             f"decoder weights {info.decoder_hash}: the weights changed since encoding; decode with the model that "
-            f"encoded them{bundled_hint(codes, info.model_id)}"
+            f"encoded them{bundled_hint(codes.model.config_hash, codes.model.decoder_hash, info.model_id)}"
         )
     device = device_of(tok)
     bar = progress(None, len(paths), "decode")

@@ -20,7 +20,6 @@ the checksums, and the shard's inputs, before a resumed run skips it.
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,24 +138,6 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-
-def bundled_hint(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """"; the bundled vit_vq:X made it: --model vit_vq:X resumes", when another model made a shard
-    record and a model bundled with the package has its config and decoder hashes (else "")."""
-    hashes = old.get("config_hash"), old.get("decoder_hash")
-    if hashes == (new.get("config_hash"), new.get("decoder_hash")) or not all(isinstance(h, str) for h in hashes):
-        return ""
-    match = _bundled_name_for(*hashes)
-    return f"; the bundled {match} made it: --model {match} resumes" if match and match != new.get("model_id") else ""
-
-
-@functools.lru_cache(maxsize=8)
-def _bundled_name_for(config_hash: str, decoder_hash: str) -> str | None:
-    from ..default_model import bundled_name_for  # imported late: it imports the tokenizer
-
-    return bundled_name_for(config_hash, decoder_hash)
-
-
 def is_complete(
     out: Path, spec: ShardSpec, run: dict[str, Any], inputs: str | None = None
 ) -> tuple[dict[str, Any] | None, str | None]:
@@ -182,7 +163,12 @@ def is_complete(
         old, new = record["run"], run
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:3])
-        return None, f"{path.name} was made by a different run ({detail}){bundled_hint(old, new)}"
+        hint = ""
+        if (old.get("config_hash"), old.get("decoder_hash")) != (new.get("config_hash"), new.get("decoder_hash")):
+            from ..default_model import bundled_hint  # imported late: it imports the tokenizer
+
+            hint = bundled_hint(old.get("config_hash"), old.get("decoder_hash"), new.get("model_id"))
+        return None, f"{path.name} was made by a different run ({detail}){hint}"
     if (record.get("start"), record.get("stop")) != (spec.start, spec.stop) or record.get("inputs") != inputs:
         return None, None
     for name, digest in (record.get("sha256") or {}).items():
