@@ -40,6 +40,21 @@ def photo_crops(size: int, count: int, seed: int = 0) -> torch.Tensor:
     return torch.stack(out)
 
 
+@pytest.fixture(autouse=True)
+def online_hub_settings(monkeypatch):
+    """Every test starts with the Hub online, whatever the shell sets (HF_HUB_OFFLINE=1 on firewalled machines).
+
+    huggingface_hub reads HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) once, into `huggingface_hub.constants`,
+    at import, and transformers asks it; so both the variables (for subprocesses) and the constant are
+    reset here. A test that needs offline behaviour sets both itself; no test reaches the real Hub.
+    """
+    import huggingface_hub.constants as hc
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+
+
 @pytest.fixture(scope="session")
 def photos() -> list[np.ndarray]:
     return load_photos()

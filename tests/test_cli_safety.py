@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,6 +98,37 @@ def test_demo_refuses_an_existing_grid(capsys, tmp_path):
     code, _, err = run_cli(capsys, "demo", "-o", grid, "--device", "cpu")
     assert_one_line_error(code, err, str(grid), "--overwrite")
     assert grid.read_bytes() == b"my picture"
+
+
+def test_demo_replaces_its_own_grid_but_not_a_users_png(capsys, tmp_path):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    grid = tmp_path / "demo.png"
+    code, _, err = run_cli(capsys, "demo", "-o", grid, "--device", "cpu")
+    assert code == 0, err
+    with Image.open(grid) as im:
+        assert im.format == "PNG" and im.text.get("vit-vq") == "demo"
+        first = np.asarray(im.convert("RGB"))
+    # A stand-in for an earlier demo's grid: a real 1x1 PNG carrying the marker is replaced by a full grid.
+    mark = PngInfo()
+    mark.add_text("vit-vq", "demo")
+    Image.new("RGB", (1, 1)).save(grid, pnginfo=mark)
+    code, out, err = run_cli(capsys, "demo", "-o", grid, "--device", "cpu")
+    assert code == 0, err
+    assert "replacing the grid an earlier vit-vq demo wrote" in out
+    with Image.open(grid) as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")), first)  # the same grid again (deterministic)
+    # A user's PNG without the marker (and one with another value) stays untouched.
+    for text in ({}, {"vit-vq": "not the demo"}):
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+        Image.new("RGB", (4, 4), (200, 10, 10)).save(grid, pnginfo=info)
+        before = grid.read_bytes()
+        code, _, err = run_cli(capsys, "demo", "-o", grid, "--device", "cpu")
+        assert_one_line_error(code, err, "refusing to overwrite", str(grid), "--overwrite")
+        assert grid.read_bytes() == before
 
 
 def test_eval_overwrite_replaces_its_outputs(capsys, tmp_path, photo_dir, tiny_tokenizer_dir):

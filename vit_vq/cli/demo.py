@@ -2,13 +2,17 @@
 
 With no `--model` it uses the tokenizer that ships inside the package (no download).
 It prints PSNR and SSIM per photo, the codebook usage and tokens per image, and writes
-one PNG grid: a row per photo, original on the left and reconstruction on the right. An
-existing file at `-o` is replaced only with `--overwrite` (checked before any work).
+one PNG grid: a row per photo, original on the left and reconstruction on the right. The
+grid carries a marker in its PNG text metadata (`vit-vq: demo`), so that running the demo
+again replaces the grid an earlier demo wrote; any other existing file at `-o` is replaced
+only with `--overwrite` (checked before any work).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 from pathlib import Path
 
 import torch
@@ -17,8 +21,11 @@ from ..default_model import sample_photos
 from ..metrics import psnr, ssim
 from ..pipeline.runtime import pick_device
 from ..tokenizer import ViTVQTokenizer
-from .common import MODEL_HELP, add_overwrite_arg, image_grid, load_model, refuse_existing, save_png
+from .common import MODEL_HELP, add_overwrite_arg, image_grid, load_model, refuse_existing, to_uint8
 from .main import CLIError
+
+MARK_KEY, MARK_VALUE = "vit-vq", "demo"  # PNG text chunk that identifies a grid written by this command
+MAX_OWN_GRID_BYTES = 64 * 2**20  # larger files are not read to look for the marker
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -51,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output).expanduser()
     if output.suffix.lower() != ".png":
         raise CLIError(f"-o {args.output}: the demo writes one PNG grid; give a path ending in .png")
-    refuse_existing([output], args.overwrite)
+    replacing = os.path.lexists(output) and written_by_demo(output)
+    refuse_existing([output], args.overwrite or replacing)
     device = pick_device(args.device)
     tok: ViTVQTokenizer = load_model(args.model)
     tok = tok.to(device).eval()
@@ -85,6 +93,39 @@ def run(args: argparse.Namespace) -> int:
     grid = image_grid(rows, pad=4)
     if scale > 1:
         grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-    save_png(grid, output, overwrite=args.overwrite)
-    print(f"wrote {output}: {len(rows)} rows, original (left) | reconstruction (right)")
+    save_grid(grid, output, overwrite=args.overwrite or replacing)
+    again = " (replacing the grid an earlier vit-vq demo wrote)" if replacing else ""
+    print(f"wrote {output}{again}: {len(rows)} rows, original (left) | reconstruction (right)")
     return 0
+
+
+def written_by_demo(path: Path) -> bool:
+    """True when `path` is a regular PNG file (not a link) that carries this command's metadata marker."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_OWN_GRID_BYTES:
+            return False
+        with Image.open(path) as im:
+            return im.format == "PNG" and getattr(im, "text", {}).get(MARK_KEY) == MARK_VALUE
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+
+
+def save_grid(grid: torch.Tensor, path: Path, *, overwrite: bool) -> None:
+    """Write float `[3, H, W]` in [0, 1] as an RGB PNG with the demo's marker, atomically.
+
+    Raises:
+        CLIError: `path` exists and `overwrite` is False (it appeared since the check before the work).
+    """
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from ..pipeline.codes import atomic_write
+
+    refuse_existing([path], overwrite)
+    meta = PngInfo()
+    meta.add_text(MARK_KEY, MARK_VALUE)
+    array = to_uint8(grid).numpy()  # (H, W, 3)
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG", pnginfo=meta))
