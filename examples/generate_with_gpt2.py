@@ -4,8 +4,11 @@
    else crops of the photos bundled with scikit-image / scikit-learn).
 2. Lay each code grid out as a flat sequence `BOS c_0 ... c_{h*w-1} EOS` (`vit_vq.tokens.TokenLayout`).
 3. Train a small `transformers.GPT2LMHeadModel` on those sequences.
-4. Sample new sequences (BOS/EOS suppressed at code positions), map them back to grids and
-   decode them to images: `OUT/samples.png` (training images in the top row).
+4. Sample new sequences from `layout.prompt()` (BOS) with every non-code id suppressed, map the
+   whole `generate` output back to grids with `layout.to_codes` and decode them to images:
+   `OUT/samples.png` (training images in the top row).
+
+Only public API is used: `ViTVQTokenizer`, `vit_vq.tokens.TokenLayout`, `vit_vq.preprocess`, `vit_vq.data`.
 
     python examples/generate_with_gpt2.py --model org/tokenizer --out gpt2_samples --steps 500
 
@@ -19,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
-from vit_vq.cli.common import image_grid, load_model, save_png
-from vit_vq.cli.main import CLIError
+from vit_vq import ViTVQTokenizer
 from vit_vq.preprocess import resize_center_crop, to_tensor
 from vit_vq.tokens import TokenLayout
 
@@ -55,7 +57,7 @@ def load_images(data: str | None, size: int, count: int) -> torch.Tensor:
 
     files = list_images(data)[:count]
     if not files:
-        raise CLIError(f"no images in {data!r}")
+        raise SystemExit(f"error: no images in {data!r}")
     return torch.stack([resize_center_crop(load_image(f), size) for f in files])
 
 
@@ -92,15 +94,28 @@ def train(model: Any, sequences: torch.Tensor, steps: int, batch_size: int, lr: 
 
 @torch.no_grad()
 def sample(model: Any, layout: TokenLayout, count: int, temperature: float, top_k: int) -> torch.Tensor:
-    """`count` new code grids `[count, h, w]`: exactly `h*w` code tokens after BOS, specials suppressed."""
+    """`count` new code grids `[count, h, w]`: exactly `h*w` code tokens after BOS, non-code ids suppressed."""
     model.eval()
-    start = torch.full((count, 1), layout.bos_id, dtype=torch.long, device=model.device)
+    start = layout.prompt(batch_size=count).to(model.device)  # (count, 1): BOS
     out = model.generate(
         input_ids=start, attention_mask=torch.ones_like(start), do_sample=True, temperature=temperature, top_k=top_k,
-        max_new_tokens=layout.num_codes, min_new_tokens=layout.num_codes, suppress_tokens=layout.special_ids,
+        max_new_tokens=layout.num_codes, min_new_tokens=layout.num_codes, suppress_tokens=layout.non_code_ids,
         pad_token_id=layout.eos_id,
-    )  # (count, 1 + h*w)
-    return layout.to_codes(out[:, 1 : 1 + layout.num_codes].cpu())
+    )  # (count, 1 + h*w): BOS, then the codes
+    return layout.to_codes(out.cpu())
+
+
+def save_grid(rows: list[torch.Tensor], path: Path, pad: int = 2) -> Path:
+    """Rows of float images `[n, 3, S, S]` in [0, 1] -> one PNG on white, `pad` pixels between images."""
+    n, _, S, _ = rows[0].shape
+    grid = torch.ones(3, len(rows) * (S + pad) + pad, n * (S + pad) + pad)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            top, left = pad + i * (S + pad), pad + j * (S + pad)
+            grid[:, top : top + S, left : left + S] = img.clamp(0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)  # (H, W, 3)
+    return path
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -123,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
 
-    tok = load_model(args.model).to(args.device).eval()
+    tok = ViTVQTokenizer.default() if args.model is None else ViTVQTokenizer.from_pretrained(args.model)
+    tok = tok.to(args.device).eval()
     cfg = tok.config
     images = load_images(args.data, cfg.image_size, args.images)  # (N, 3, S, S)
     codes = torch.cat([tok.encode(images[i : i + 64].to(args.device)).cpu() for i in range(0, len(images), 64)])  # (N, h, w)
@@ -138,14 +154,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     out = Path(args.out)
     reference = images[: args.samples]
-    path = save_png(image_grid([reference, generated]), out / "samples.png")
+    path = save_grid([reference, generated], out / "samples.png")
     print(f"wrote {path} (top: training images, bottom: samples)")
     return {"losses": losses, "codes": sampled, "images": generated, "png": path}
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except CLIError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    main()

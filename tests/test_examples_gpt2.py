@@ -38,3 +38,13 @@ def test_generate_with_gpt2(tmp_path, tiny_tokenizer_dir, capsys, single_thread)
     grid = np.asarray(Image.open(result["png"]))
     assert grid.shape == (2 + 2 * 34, 2 + 3 * 34, 3)
     assert "sequences of 66 tokens, vocabulary 258" in capsys.readouterr().out
+
+
+def test_the_example_uses_only_public_api():
+    import ast
+
+    tree = ast.parse(EXAMPLE.read_text())
+    modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    modules |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    ours = sorted(m for m in modules if m and m.startswith("vit_vq"))
+    assert ours and not [m for m in ours if m.startswith("vit_vq.cli") or "._" in m or m.startswith("_")], ours
