@@ -2,7 +2,9 @@
 
 The contract of `nearest_code(precision="exact")`: the chosen code is the argmin of the float64
 distance `sum((z - e)^2)` (of the float32-normalised vectors for cosine), equal distances go to the
-lowest index, and `return_distances` gives that distance to float32 accuracy.
+lowest index, and `return_distances` gives that distance to float32 accuracy. It holds with either
+rescoring (`rescore="candidates"`, the default, and `"codebook"`), and every case runs with both;
+cases built for the candidate sets or the whole-codebook fallback first check that they reach it.
 
 Every case runs on the torch backend here, on CUDA when there is a GPU, and on the Triton kernel
 (search and float64 rescoring) under TRITON_INTERPRET=1 in a subprocess: Triton reads the variable
@@ -22,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from vit_vq.ops import nearest_code
+from vit_vq.ops.search import exact_search
+from vit_vq.ops.torch_backend import DEFAULT_MAX_TEMP_BYTES
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -32,6 +36,7 @@ class Case:
     codebook: torch.Tensor
     metric: str = "l2"
     min_tied_rows: int = 0  # rows whose float64 minimum is shared by several codes, at least
+    paths: tuple[str, ...] = ()  # "candidates" / "fallback": rows the default rescoring must send there
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -47,7 +52,8 @@ def _random(n, k, d, dtype=torch.float32, e_dtype=None, seed=0, metric="l2") -> 
 def _offset(offset, spread, n, k, d, seed=0) -> Case:
     """Data a few float32 ulps wide around a large offset: `|e|^2 - 2 z.e` cancels, even in float64."""
     g = _gen(seed)
-    return Case(offset + spread * torch.randn(n, d, generator=g), offset + spread * torch.randn(k, d, generator=g))
+    z, codebook = offset + spread * torch.randn(n, d, generator=g), offset + spread * torch.randn(k, d, generator=g)
+    return Case(z, codebook, paths=("fallback",))
 
 
 def _integer_copies(layout: str, n=64, k=300, d=4, seed=1) -> Case:
@@ -56,13 +62,42 @@ def _integer_copies(layout: str, n=64, k=300, d=4, seed=1) -> Case:
     base = torch.randint(-8, 8, (k, d), generator=g).float()
     z = torch.randint(-8, 8, (n, d), generator=g).float()
     codebook = torch.cat([base, base]) if layout == "stacked" else base.repeat_interleave(2, dim=0)
-    return Case(z, codebook, min_tied_rows=n)
+    return Case(z, codebook, min_tied_rows=n, paths=("candidates",))
 
 
 def _float_copies(n=40, k=150, d=6, seed=3) -> Case:
     g = _gen(seed)
     base, z = torch.randn(k, d, generator=g), torch.randn(n, d, generator=g)
-    return Case(z, torch.cat([base, base, base[:37]]), min_tied_rows=n)
+    return Case(z, torch.cat([base, base, base[:37]]), min_tied_rows=n, paths=("candidates",))
+
+
+def _offset_fp16(n=60, k=200, d=16, seed=6) -> Case:
+    """fp16 values 0.1 wide around 100 (fp16 steps there are 1/16): cancellation, and exact ties."""
+    case = _offset(100.0, 0.1, n, k, d, seed)
+    return Case(case.z.half(), case.codebook.half(), min_tied_rows=1, paths=("fallback",))
+
+
+def _large_norms(scale=3e4) -> Case:
+    case = _random(60, 200, 24)
+    return Case(scale * case.z, scale * case.codebook)
+
+
+def _near_duplicates(dtype=torch.float32, n=60, k=120, d=12, seed=4) -> Case:
+    """Every code beside a copy moved by ~1e-6 (or duplicated exactly once rounded to 16 bits)."""
+    g = _gen(seed)
+    base, z = torch.randn(k, d, generator=g), torch.randn(n, d, generator=g)
+    codebook = torch.cat([base, base + 1e-6 * torch.randn(k, d, generator=g)])
+    tied = n if dtype != torch.float32 else 0  # 16 bits round the copies onto their codes
+    return Case(z.to(dtype), codebook.to(dtype), min_tied_rows=tied, paths=("candidates",))
+
+
+def _crowd(n=60, k=100, d=8, seed=5) -> Case:
+    """Codes twice, and 80 copies of the origin: rows near it overflow the candidate cap."""
+    g = _gen(seed)
+    base, z = torch.randn(k, d, generator=g), torch.randn(n, d, generator=g)
+    z[:20] *= 0.1
+    codebook = torch.cat([base, torch.zeros(80, d), base])
+    return Case(z, codebook, min_tied_rows=n, paths=("candidates", "fallback"))
 
 
 def _one_ulp_neighbour() -> Case:
@@ -75,6 +110,11 @@ CASES = {
     "offset_1000_1e-4_d64": lambda: _offset(1000.0, 1e-4, 200, 256, 64),  # issue 14's Triton failure
     "offset_1000_1e-2_d8": lambda: _offset(1000.0, 1e-2, 150, 500, 8, seed=2),
     "offset_300_1e-2_d32": lambda: _offset(300.0, 1e-2, 100, 300, 32, seed=3),
+    "offset_fp16": _offset_fp16,
+    "near_duplicates": _near_duplicates,
+    "near_duplicates_bf16": lambda: _near_duplicates(torch.bfloat16),
+    "large_norms": _large_norms,
+    "crowd_past_the_cap": _crowd,
     "ties_stacked": lambda: _integer_copies("stacked"),
     "ties_interleaved": lambda: _integer_copies("interleaved"),
     "duplicate_float_codes": _float_copies,
@@ -118,13 +158,19 @@ def _backends() -> list[tuple[str, str]]:
     return found
 
 
+@pytest.mark.parametrize("rescore", ["candidates", "codebook"])
 @pytest.mark.parametrize(("backend", "device"), _backends(), ids=lambda v: v)
 @pytest.mark.parametrize("name", list(CASES))
-def test_exact_mode_contract(name, backend, device):
+def test_exact_mode_contract(name, backend, device, rescore):
     case = CASES[name]()
     index, distance, tied = reference(case)
     assert tied >= case.min_tied_rows  # the tie cases really are tied
-    out = nearest_code(case.z.to(device), case.codebook.to(device), metric=case.metric, backend=backend, return_distances=True)
+    z, codebook = case.z.to(device), case.codebook.to(device)
+    if rescore == "candidates" and case.paths:  # the case reaches the paths it is meant to test
+        report = exact_search(z, codebook, backend, rescore, DEFAULT_MAX_TEMP_BYTES)[1]
+        assert report.unresolved - report.fallback > 0 or "candidates" not in case.paths, report
+        assert report.fallback > 0 or "fallback" not in case.paths, report
+    out = nearest_code(z, codebook, metric=case.metric, backend=backend, rescore=rescore, return_distances=True)
     got = out.indices.cpu()
     off = int((got != index).sum())
     assert off == 0, f"{off} of {len(index)} rows off the float64 optimum"
@@ -138,4 +184,4 @@ def test_triton_kernel_keeps_the_contract_under_the_interpreter():
 
     proc = run_under_interpreter(str(Path(__file__)), "-k", "test_exact_mode_contract")
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert f"{len(CASES)} passed" in proc.stdout, proc.stdout[-2000:]
+    assert f"{2 * len(CASES)} passed" in proc.stdout, proc.stdout[-2000:]

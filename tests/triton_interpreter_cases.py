@@ -155,3 +155,47 @@ def test_squared_norms_kernel(dtype):
     torch.testing.assert_close(got.double(), x.double().square().sum(1), rtol=1e-6, atol=0)
     got16 = squared_norms_triton(x.bfloat16(), dtype).double()
     torch.testing.assert_close(got16, squared_norms(x.bfloat16(), dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def _limits_between_scores(z, codebook, rows, nth):
+    """Limits halfway between a row's nth and (nth+1)th float64 score: no score is near a limit."""
+    s = (codebook.double().square().sum(1)[None, :] - 2 * z[rows].double() @ codebook.double().T).sort(dim=1).values
+    return ((s.gather(1, nth[:, None] - 1) + s.gather(1, nth[:, None])) / 2).squeeze(1).float()
+
+
+@pytest.mark.parametrize(
+    ("d", "dtype"), [(8, torch.float32), (40, torch.float32), (24, torch.bfloat16)], ids=["d8", "d40", "bf16"]
+)
+def test_candidate_sets_match_a_float64_reference_and_the_torch_twin(d, dtype):
+    from vit_vq.ops.torch_backend import candidate_sets_torch
+    from vit_vq.ops.triton_candidates import candidate_sets_triton
+
+    z, codebook = _data(50, 600, d, dtype)
+    gen = torch.Generator().manual_seed(6)
+    rows = torch.randperm(50, generator=gen)[:37]  # a partial second block of rows
+    nth = torch.randint(1, 8, (37,), generator=gen)
+    nth[:3] = torch.tensor([9, 30, 599])  # past a cap of 8
+    nth[3] = 8  # exactly at the cap
+    limit = _limits_between_scores(z, codebook, rows, nth)
+    e_sq = codebook.float().square().sum(1)
+    twin = candidate_sets_torch(z.float(), codebook.float(), e_sq, rows, limit, cap=8)
+    assert torch.equal(twin.counts, nth)
+    for splits in (1, 3):  # 3 splits of 256 codes: a set spread over several splits is merged in order
+        sets = candidate_sets_triton(z, codebook, e_sq, rows, limit, cap=8, splits=splits)
+        assert torch.equal(sets.counts, nth)
+        for i in range(3, 37):
+            got = sets.indices[i][sets.indices[i] >= 0]
+            assert torch.equal(got, twin.indices[i][: int(nth[i])].sort().values), (splits, i)
+            assert torch.equal(got, got.sort().values)  # listed in code order
+
+
+def test_exact_mode_candidate_path_on_the_interpreter():
+    """Every code twice, 300 apart: every row unresolved, sets of two across tiles, rescored in float64."""
+    from vit_vq.ops.search import exact_search
+
+    gen = torch.Generator().manual_seed(7)
+    base, z = torch.randn(300, 6, generator=gen), torch.randn(30, 6, generator=gen)
+    cand, report = exact_search(z, torch.cat([base, base]), "triton", "candidates", 2**20)
+    assert report.unresolved == 30 and report.fallback == 0 and report.mean_candidates == 2.0
+    d64 = (z.double()[:, None] - base.double()[None]).square().sum(-1)
+    assert torch.equal(cand.indices, d64.argmin(dim=1))

@@ -11,9 +11,11 @@ The backends:
   (`cpu_workers`), which hold up when other processes share the cores. Everything else.
 
 `VIT_VQ_BACKEND=torch|triton` forces one; forcing Triton where it cannot run raises `RuntimeError`.
-Exact mode adds the proof-or-rescore step of `exact` to either backend's fast pass; both backends
-rescore by direct float64 differences. Codebook norms are computed on every call, so nothing can go
-stale while EMA moves the codebook. Safe to call from several Python threads at once.
+Exact mode adds the steps of `search.settle` to either backend's fast pass: a proven bound settles
+most rows, and the rest are rescored by direct float64 differences, over the few candidate codes
+the bound leaves (`VIT_VQ_RESCORE=codebook`: over the whole codebook, the older way). Codebook
+norms are computed on every call, so nothing can go stale while EMA moves the codebook. Safe to
+call from several Python threads at once.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from . import exact
-from .torch_backend import DEFAULT_MAX_TEMP_BYTES, search_torch, squared_norms
+from . import exact, search
+from .search import Rescore, resolve_rescore
+from .torch_backend import DEFAULT_MAX_TEMP_BYTES
 
 Metric = Literal["l2", "cosine"]
 Precision = Literal["exact", "fast"]
@@ -102,15 +105,17 @@ def _nearest_code_impl(
     metric: str,
     precision: str,
     backend: str,
+    rescore: str,
     need_distances: bool,
     max_temp_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices int64 [N], distances float32 [N] or [0]) for validated inputs; see `nearest_code`."""
     choice = resolve_backend(z.device, None if backend == "auto" else backend)
+    rescore = resolve_rescore(None if rescore == "auto" else rescore)
     # Triton launches on the *current* CUDA device: make it the inputs' device (e.g. cuda:1).
     guard = torch.cuda.device(z.device) if z.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        return _search(z, codebook, metric, precision, choice, need_distances, max_temp_bytes)
+        return _search(z, codebook, metric, precision, choice, rescore, need_distances, max_temp_bytes)
 
 
 def _search(
@@ -119,6 +124,7 @@ def _search(
     metric: str,
     precision: str,
     choice: str,
+    rescore: Rescore,
     need_distances: bool,
     max_temp_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,30 +135,10 @@ def _search(
         return z.new_empty(0, dtype=torch.int64), z.new_empty(0, dtype=torch.float32)
 
     is_exact = precision == "exact"
-    if choice == "triton":
-        from . import triton_backend, triton_rescore  # imports Triton only when it is used
-
-        e_sq = triton_rescore.squared_norms_triton(codebook)  # (K,) computed on every call: never stale
-        cand = triton_backend.search_triton(z, codebook, e_sq, top2=is_exact)
-    else:
-        e_sq = squared_norms(codebook, max_temp_bytes)
-        cand = search_torch(
-            z.float(),
-            codebook.float(),
-            e_sq,
-            top2=is_exact,
-            max_temp_bytes=max_temp_bytes,
-            input_rounding=exact.torch_matmul_rounding(z.device),
-        )
+    e_sq, cand = search.first_pass(z, codebook, choice, top2=is_exact, max_temp_bytes=max_temp_bytes)
     indices = cand.indices
     if is_exact:
-        z_norm = torch.linalg.vector_norm(z, dim=1, dtype=torch.float32)  # (N,)
-        e_norm_max = e_sq.max().sqrt()
-        rows = exact.unresolved_rows(cand, z_norm, e_norm_max, dim).nonzero().squeeze(1)
-        if rows.numel() and choice == "triton":
-            indices[rows] = triton_rescore.rescore_triton(z, codebook, rows)
-        elif rows.numel():
-            indices[rows] = exact.rescore(z, codebook, rows, max_temp_bytes)
+        search.settle(z, codebook, e_sq, cand, choice, rescore, max_temp_bytes)
 
     distances = z.new_empty(0, dtype=torch.float32)
     if need_distances:
@@ -171,7 +157,7 @@ _nearest_code_op = torch.library.custom_op("vit_vq::nearest_code", _nearest_code
 
 
 @_nearest_code_op.register_fake
-def _(z, codebook, metric, precision, backend, need_distances, max_temp_bytes):
+def _(z, codebook, metric, precision, backend, rescore, need_distances, max_temp_bytes):
     n_rows = z.shape[0]
     return z.new_empty(n_rows, dtype=torch.int64), z.new_empty(n_rows if need_distances else 0, dtype=torch.float32)
 
@@ -183,6 +169,7 @@ def nearest_code(
     metric: Metric = "l2",
     precision: Precision = "exact",
     backend: Backend | None = None,
+    rescore: Rescore | None = None,
     return_distances: bool = False,
     max_temp_bytes: int = DEFAULT_MAX_TEMP_BYTES,
 ) -> torch.Tensor | NearestCodeResult:
@@ -198,6 +185,11 @@ def nearest_code(
             of rows of random data for D >= 8 (below that, with large K, nearest codes get closer
             than tf32 can tell apart). On CPU both are float32.
         backend: `None` (automatic), `"torch"` or `"triton"`; `VIT_VQ_BACKEND` is read when None.
+        rescore: how exact mode rescores the rows its bound cannot settle: `"candidates"` (the
+            default: only the few codes the bound cannot rule out, the whole codebook for a row with
+            more than `exact.CANDIDATE_CAP`) or `"codebook"` (always the whole codebook; the older,
+            slower way, kept for comparisons). Same indices either way. `VIT_VQ_RESCORE` is read
+            when None.
         return_distances: also return the chosen distances.
         max_temp_bytes: bound on temporaries (the torch path's score blocks, per worker thread; the
             float64 rescoring); besides O(N) outputs, and float32 copies of 16-bit inputs on the
@@ -219,9 +211,14 @@ def nearest_code(
         raise ValueError(f"precision must be 'exact' or 'fast', got {precision!r}")
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+    if rescore not in (None, "candidates", "codebook"):
+        raise ValueError(f"rescore must be None, 'candidates' or 'codebook', got {rescore!r}")
     if max_temp_bytes < 1:
         raise ValueError(f"max_temp_bytes must be positive, got {max_temp_bytes}")
-    args = (z.detach(), codebook.detach(), metric, precision, backend or "auto", return_distances, max_temp_bytes)
+    args = (
+        z.detach(), codebook.detach(), metric, precision, backend or "auto", rescore or "auto", return_distances,
+        max_temp_bytes,
+    )  # fmt: skip
     # Eager calls skip the dispatcher: the custom op's first eager call imports torch's fake-tensor
     # stack (~2 s, ~175 MB), which a compiled graph has loaded anyway.
     op = _nearest_code_op if torch.compiler.is_compiling() else _nearest_code_impl

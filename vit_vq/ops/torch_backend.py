@@ -18,6 +18,7 @@ torch's threads: thousands of small parallel regions stall whenever another proc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -28,6 +29,8 @@ GROUP = 256  # codes per group in the two-step minimum
 CPU_SCORE_BYTES = 4 * 2**20  # score block kept cache-sized on CPU
 MIN_BLOCK_ROWS = 32  # split the codebook only when fewer rows than this would fit
 PARALLEL_MIN_SCORES = 2**22  # smaller searches run inline: a few ms, too short to be worth threads
+
+Accumulation = Literal["ieee", "matrix_unit"]  # how a pass sums products: round to nearest, or matrix units
 
 
 @dataclass
@@ -40,12 +43,28 @@ class Candidates:
         equal to `best` when the minimum is tied), or `None` when not tracked.
     input_rounding: bound on the relative rounding of each matmul input in this pass
         (0 when products were exact in float32); used by exact mode's error bound.
+    accumulation: `"ieee"` when every sum was rounded to nearest (CPU, cuBLAS sgemm), `"matrix_unit"`
+        when matrix units summed (they may truncate); selects exact mode's accumulation term.
     """
 
     indices: torch.Tensor
     best: torch.Tensor
     second: torch.Tensor | None
     input_rounding: float = 0.0
+    accumulation: Accumulation = "ieee"
+
+
+@dataclass
+class CandidateSets:
+    """Exact mode's candidate sets: per unresolved row, the codes scoring at or below its limit.
+
+    indices: int64 `[R, W]`, a row's codes first (in any order), then -1; W <= the cap.
+    counts: int64 `[R]`, the size of each set; a row with more codes than the cap overflowed and
+        its `indices` are incomplete (it is rescored against the whole codebook).
+    """
+
+    indices: torch.Tensor
+    counts: torch.Tensor
 
 
 def merge_candidates(first: Candidates, later: Candidates) -> Candidates:
@@ -61,6 +80,7 @@ def merge_candidates(first: Candidates, later: Candidates) -> Candidates:
         best=torch.where(better, later.best, first.best),
         second=second,
         input_rounding=max(first.input_rounding, later.input_rounding),
+        accumulation="matrix_unit" if "matrix_unit" in (first.accumulation, later.accumulation) else "ieee",
     )
 
 
@@ -141,6 +161,7 @@ def search_torch(
     top2: bool,
     max_temp_bytes: int = DEFAULT_MAX_TEMP_BYTES,
     input_rounding: float = 0.0,
+    accumulation: Accumulation = "ieee",
     workers: int | None = None,
 ) -> Candidates:
     """Smallest score (and second smallest if `top2`) for every row of `z`.
@@ -156,7 +177,7 @@ def search_torch(
         e_sq: float32 `[K]`, the squared code norms (computed per call by the caller).
         top2: also track the second-best score (exact mode).
         max_temp_bytes: bound on each worker's temporaries (score block, group minima, gathered groups).
-        input_rounding: recorded in the result (torch's fp32 matmul setting, see `exact`).
+        input_rounding, accumulation: recorded in the result (torch's fp32 matmul setting, see `exact`).
         workers: worker threads (default: `worker_count`); 1 runs inline on the caller's thread
             with its own torch threads.
     """
@@ -168,6 +189,7 @@ def search_torch(
         best=torch.empty(n_rows, dtype=torch.float32, device=z.device),
         second=torch.empty(n_rows, dtype=torch.float32, device=z.device) if top2 else None,
         input_rounding=input_rounding,
+        accumulation=accumulation,
     )
     n_blocks = -(-n_rows // rows)
     workers = worker_count(z, n_codes, n_blocks) if workers is None else min(workers, n_blocks)
@@ -234,3 +256,80 @@ def _search_block(
         gmin[g, rows] = float("inf")
         second = torch.minimum(block.amin(dim=1), gmin.amin(dim=0))
     return Candidates(g * group + j, best, second)
+
+
+def candidate_sets_torch(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    e_sq: torch.Tensor,
+    rows: torch.Tensor,
+    limit: torch.Tensor,
+    *,
+    cap: int,
+    max_temp_bytes: int = DEFAULT_MAX_TEMP_BYTES,
+) -> CandidateSets:
+    """Exact mode's second pass: for each of `z[rows]`, the codes whose score is at most its `limit`.
+
+    Scores are `|e|^2 - 2 z.e` from `addmm` into a preallocated `[rows, codes]` block, compared
+    with the limit in place; only the hits are gathered. Big passes (many unresolved rows) run on
+    worker threads like `search_torch`.
+
+    Args:
+        z: float32 `[N, D]`; codebook float32 `[K, D]`; e_sq float32 `[K]`.
+        rows: int64 `[R]`, R >= 1.
+        limit: float32 `[R]`, each row's score limit (`exact.score_limits`).
+        cap: W, the most codes listed per row (a row with more only has them counted).
+        max_temp_bytes: bound on each worker's score block (half of it) and the hits.
+    """
+    n_rows, n_codes = rows.numel(), codebook.shape[0]
+    zr = z[rows]  # (R, D)
+    cpu = z.device.type == "cpu"
+    score_limit = max_temp_bytes // 2  # the other half for the hits and per-row temporaries
+    score_limit = min(score_limit, CPU_SCORE_BYTES) if cpu else score_limit
+    codes = max(1, min(n_codes, score_limit // (4 * min(MIN_BLOCK_ROWS, n_rows))))
+    block = max(1, min(n_rows, score_limit // (4 * codes)))
+    counts = torch.zeros(n_rows, dtype=torch.int64, device=z.device)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (row, code) of every listed hit
+
+    def make_scratch() -> torch.Tensor:
+        return torch.empty(block * codes, dtype=torch.float32, device=z.device)
+
+    def find(scores: torch.Tensor, span: tuple[int, int]) -> None:
+        for r0 in range(span[0], span[1], block):
+            r1 = min(r0 + block, span[1])
+            count = counts[r0:r1]  # a view: updated in place
+            for k0 in range(0, n_codes, codes):
+                k = min(codes, n_codes - k0)
+                s = scores[: (r1 - r0) * k].view(r1 - r0, k)  # (r, k)
+                torch.addmm(e_sq[k0 : k0 + k].unsqueeze(0), zr[r0:r1], codebook[k0 : k0 + k].t(), alpha=-2.0, out=s)
+                hit = s.le_(limit[r0:r1, None])  # 1.0 where listed, in place (a bool sum would copy the block)
+                new = hit.sum(dim=1).long()  # (r,)
+                hit[count + new > cap] = 0  # overflowing rows are counted, not listed
+                r, c = hit.nonzero(as_tuple=True)  # (row, code) pairs
+                pairs.append((r + r0, c + k0))  # list.append is atomic across worker threads
+                count += new
+
+    n_blocks = -(-n_rows // block)
+    workers = worker_count(zr, n_codes, n_blocks)
+    if workers <= 1:
+        find(make_scratch(), (0, n_rows))
+    else:
+        run_units(row_spans(n_rows, block, workers), workers, make_scratch, find)
+    return _dense_sets(pairs, counts, cap)
+
+
+def _dense_sets(pairs: list[tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor, cap: int) -> CandidateSets:
+    """`CandidateSets` as narrow as the biggest set that fits `cap`, from (row, code) pairs in any order."""
+    row = torch.cat([p[0] for p in pairs])
+    code = torch.cat([p[1] for p in pairs])
+    keep = counts[row] <= cap  # drop the partial lists of rows that overflowed later
+    row, code = row[keep], code[keep]
+    order = torch.argsort(row * (int(code.max()) + 1 if code.numel() else 1) + code)  # by row, then code
+    row, code = row[order], code[order]
+    fits = counts[counts <= cap]
+    width = int(fits.max()) if fits.numel() else 0
+    listed = torch.zeros_like(counts).index_add_(0, row, torch.ones_like(row))
+    first = torch.cumsum(listed, 0) - listed  # (R,) each row's first pair
+    indices = torch.full((counts.numel(), width), -1, dtype=torch.int64, device=counts.device)
+    indices[row, torch.arange(row.numel(), device=row.device) - first[row]] = code
+    return CandidateSets(indices, counts)

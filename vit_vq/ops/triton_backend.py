@@ -378,9 +378,10 @@ def search_triton(
         else:
             _tuned_kernel(False)[grid](*args, **meta)
 
-    result = Candidates(out_idx[0], out_best[0], out_second[0] if top2 else None, rounding)
+    accumulation = "ieee" if precision == "ieee" else "matrix_unit"
+    result = Candidates(out_idx[0], out_best[0], out_second[0] if top2 else None, rounding, accumulation)
     for i in range(1, splits):
-        part = Candidates(out_idx[i], out_best[i], out_second[i] if top2 else None, rounding)
+        part = Candidates(out_idx[i], out_best[i], out_second[i] if top2 else None, rounding, accumulation)
         result = merge_candidates(result, part)
     return result
 
