@@ -156,9 +156,11 @@ def test_bad_input_exits_nonzero_with_one_line(capsys, tmp_path, photo_dir, tiny
 
 
 def test_missing_packaged_default_is_a_one_line_error(capsys, tmp_path, photo_dir, monkeypatch):
-    import vit_vq.default_model as dm
+    import dataclasses
 
-    monkeypatch.setitem(dm.BUNDLED_DIRS, "default", ("assets", "no-such-folder"))
+    from vit_vq import registry
+
+    monkeypatch.setitem(registry.BUNDLED, "default", dataclasses.replace(registry.BUNDLED["default"], folder="no-such-folder"))
     code, _, err = run_cli(capsys, "encode", photo_dir, "-o", tmp_path / "c.safetensors", *FAST)
     assert code == 2 and "the packaged default tokenizer is missing" in err and "reinstall vit_vq" in err
     assert "Traceback" not in err

@@ -52,7 +52,7 @@ def test_bf16_codes_decode_at_fp32(capsys, tmp_path, photo_dir, tiny_tokenizer_d
 
 
 def test_codes_from_changed_weights_are_refused_naming_both_hashes(capsys, tmp_path, photo_dir, tiny_tokenizer_dir):
-    from vit_vq.pipeline.runtime import decoder_hash
+    from vit_vq.fingerprint import decoder_hash
 
     model = tmp_path / "model"
     shutil.copytree(tiny_tokenizer_dir, model)
@@ -223,14 +223,16 @@ def test_hostile_model_records_give_one_line_errors_and_print_as_one_line(capsys
 
 
 def test_a_broken_bundled_model_does_not_hide_the_real_error(capsys, tmp_path, photo_dir, tiny_tokenizer_dir, monkeypatch):
-    import vit_vq.default_model as dm
+    import dataclasses
+
+    from vit_vq import registry
 
     made = tmp_path / "v1.safetensors"
     files = list_images(photo_dir)[:1]
     assert run_cli(capsys, "encode", *files, "-o", made, "--model", "vit_vq:default-v1", *FAST)[0] == 0
-    monkeypatch.setitem(dm.BUNDLED_DIRS, "default", ("assets", "no-such-folder"))  # a broken install
-    dm._bundled_config_hash.cache_clear()  # read the folders as they are now (a failed read is not cached)
-    assert dm.bundled_name_for(load_codes(made).model.config_hash) == "vit_vq:default-v1"
+    broken = dataclasses.replace(registry.BUNDLED["default"], folder="no-such-folder")
+    monkeypatch.setitem(registry.BUNDLED, "default", broken)  # a broken install
+    assert registry.bundled_name_for(load_codes(made).model.config_hash) == "vit_vq:default-v1"
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "decode", made, "-o", out, "--model-from-codes", *FAST)
     assert code == 0 and "using the model recorded in" in err, err
@@ -254,3 +256,34 @@ def test_float_codes_are_refused_not_truncated(capsys, tmp_path, photo_dir, tiny
     code, _, err = run_cli(capsys, "decode", bad, "-o", out, "--model", tiny_tokenizer_dir, *FAST)
     assert code == 2 and "integers" in error_line(err) and "float32" in error_line(err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("change", ["missing", "null", "empty"])
+def test_a_format_2_file_without_decoder_hash_is_refused_unless_asked(capsys, tmp_path, photo_dir, tiny_tokenizer_dir, change):
+    """The decoder-weights check cannot be switched off from the codes file (issue 19, point 4)."""
+    made = tmp_path / "made.safetensors"
+    model = ["--model", str(tiny_tokenizer_dir)]
+    assert run_cli(capsys, "encode", *list_images(photo_dir)[:1], "-o", made, *model, *FAST)[0] == 0
+    value = {"missing": None, "null": None, "empty": ""}[change]
+    bad = _with_metadata(made, tmp_path / "bad.safetensors", decoder_hash=value)
+    if change == "missing":
+        _drop_metadata(bad, "decoder_hash")
+    code, _, err = run_cli(capsys, "decode", bad, "-o", tmp_path / "refused", *model, *FAST)
+    assert code == 2 and "records no decoder_hash" in error_line(err) and "--no-weights-check" in error_line(err)
+    assert not (tmp_path / "refused").exists()
+    code, _, err = run_cli(capsys, "decode", bad, "-o", tmp_path / "out", *model, "--no-weights-check", *FAST)
+    assert code == 0, err
+    ok = tmp_path / "ok"
+    assert run_cli(capsys, "decode", made, "-o", ok, *model, *FAST)[0] == 0
+    for name in load_codes(made).names:
+        np.testing.assert_array_equal(png((tmp_path / "out" / name).with_suffix(".png")), png((ok / name).with_suffix(".png")))
+
+
+def _drop_metadata(path, key):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(path), framework="np") as f:
+        meta, array = dict(f.metadata()), f.get_tensor("codes")
+    del meta[key]
+    save_file({"codes": array}, str(path), metadata=meta)

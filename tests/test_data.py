@@ -168,18 +168,18 @@ def test_fifos_and_links_to_devices_are_reported_unopened(tmp_path, photo_dir):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["load_image"] == f"{fifo}: not a regular file: a FIFO"
+    assert out["load_image"] == f"{fifo}: not a regular file: a FIFO (named pipe)"
     keys, skipped = out["folder"]
     assert len(keys) == 6 and "photo0.png" in keys
     assert {s["path"]: s["reason"] for s in skipped} == {
-        "fifo.png": f"{fifo}: not a regular file: a FIFO",
-        "pipe": f"{photo_dir / 'pipe'}: not a regular file: a FIFO (through a symbolic link)",
+        "fifo.png": f"{fifo}: not a regular file: a FIFO (named pipe)",
+        "pipe": f"{photo_dir / 'pipe'}: not a regular file: a FIFO (named pipe) (through a symbolic link)",
         "sub/zero.png": f"{photo_dir / 'sub' / 'zero.png'}: not a regular file: a character device (through a symbolic link)",
     }
     keys, skipped = out["files"]  # `encode` / `reconstruct` inputs: by extension in a folder, and a named file
     assert len(keys) == 6 and [s["path"] for s in skipped] == ["fifo.png", "sub/zero.png", "fifo.png"]
     keys, skipped = out["datasets"]
-    assert keys == ["1"] and skipped == [{"path": "0", "reason": f"row 0: {fifo}: not a regular file: a FIFO"}]
+    assert keys == ["1"] and skipped == [{"path": "0", "reason": f"row 0: {fifo}: not a regular file: a FIFO (named pipe)"}]
     listed = list_images(photo_dir, include_all_files=True)  # listing never opens a file
     assert {photo_dir / "fifo.png", photo_dir / "pipe", photo_dir / "sub" / "zero.png"} <= set(listed)
 

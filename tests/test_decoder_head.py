@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vit_vq import ViTVQConfig, ViTVQTokenizer
 from vit_vq.decoder import ConvUpsample, Decoder, head_flops
 from vit_vq.default_model import bundled_model_dir, bundled_name_for, default_model_dir
-from vit_vq.pipeline.runtime import decoder_hash
+from vit_vq.fingerprint import decoder_hash
 
 # ViTVQConfig.config_hash() of the 0.1 default (bundled as vit_vq:default-v1) and of the tiny preset,
 # computed before the decoder_head field existed: codes files record it and `vit-vq decode` checks it.

@@ -53,7 +53,7 @@ def test_save_is_atomic_a_crash_leaves_the_old_model_whole(tok, tmp_path, monkey
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-save")
 
-    monkeypatch.setattr(vsaving, "_swap_in", crash)
+    monkeypatch.setattr(vsaving, "swap_in", crash)
     with pytest.raises(KeyboardInterrupt):
         other.save_pretrained(folder)
     assert (folder / "model.safetensors").read_bytes() == old_weights

@@ -14,26 +14,18 @@ from vit_vq import VectorQuantizer, ViTVQConfig
 from vit_vq.quantizer import QuantizerConfig, rotation_trick
 
 SETTINGS = [
-    dict(metric="l2", use_ema=True, gradient="ste"),
-    dict(metric="cosine", use_ema=False, gradient="rotation", dead_code_threshold=0.5),
-    dict(metric="cosine", use_ema=True, kmeans_init=True, kmeans_iters=3, ema_decay=0.9, gradient="ste"),
+    dict(l2_normalize=False, use_ema=True, quantizer_gradient="ste"),
+    dict(l2_normalize=True, use_ema=False, quantizer_gradient="rotation", dead_code_threshold=0.5),
+    dict(l2_normalize=True, use_ema=True, kmeans_init=True, kmeans_iters=3, ema_decay=0.9, quantizer_gradient="ste"),
 ]
-
-
-def _as_config_fields(kw: dict) -> dict:
-    names = {"metric": "l2_normalize", "gradient": "quantizer_gradient"}
-    out = {names.get(k, k): v for k, v in kw.items()}
-    if "l2_normalize" in out:
-        out["l2_normalize"] = out["l2_normalize"] == "cosine"
-    return out
 
 
 @pytest.mark.parametrize("kw", SETTINGS, ids=["l2_ema", "cosine_learnable_rotation", "cosine_kmeans"])
 def test_keyword_and_config_constructions_are_bitwise_identical(kw):
     torch.manual_seed(0)
-    by_kw = VectorQuantizer(dim=8, codebook_size=64, **kw).train()
+    by_kw = VectorQuantizer(codebook_dim=8, codebook_size=64, **kw).train()
     torch.manual_seed(0)
-    config = ViTVQConfig.from_preset("tiny", codebook_size=64, codebook_dim=8, **_as_config_fields(kw))
+    config = ViTVQConfig.from_preset("tiny", codebook_size=64, codebook_dim=8, **kw)
     by_config = VectorQuantizer(config).train()
     assert by_kw.config == by_config.config
     gen = torch.Generator().manual_seed(1)
@@ -50,7 +42,7 @@ def test_keyword_and_config_constructions_are_bitwise_identical(kw):
         assert torch.equal(z1.grad, z2.grad)
     for (name, x), (name2, y) in zip(by_kw.state_dict().items(), by_config.state_dict().items(), strict=True):
         assert name == name2 and torch.equal(x, y), name
-    assert torch.equal(by_kw.recent, by_config.recent)
+    assert torch.equal(by_kw.restart_pool, by_config.restart_pool)
 
 
 def test_defaults_are_the_tokenizer_configs():
@@ -65,7 +57,7 @@ def test_own_encoder_on_real_photos_trains_with_backward():
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.Flatten(2))  # (B, 8, N)
     decoder = nn.Linear(8, 48)
-    vq = VectorQuantizer(dim=8, codebook_size=32, metric="l2")
+    vq = VectorQuantizer(codebook_dim=8, codebook_size=32, l2_normalize=False)
     opt = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=1e-2)
     x = photo_crops(16, 8)  # (B, 3, 16, 16) real photos
     target = F.unfold(x, 4, stride=4).transpose(1, 2)  # (B, N, 48) patches
@@ -87,19 +79,19 @@ def test_own_encoder_on_real_photos_trains_with_backward():
 @pytest.mark.parametrize(
     ("args", "kwargs", "error", "match"),
     [
-        ((), {}, TypeError, "dim= and codebook_size="),
-        ((), {"dim": 8}, TypeError, "codebook_size"),
-        ((ViTVQConfig.from_preset("tiny"),), {"dim": 8}, TypeError, "not both"),
-        ((ViTVQConfig.from_preset("tiny"),), {"metric": "l2"}, TypeError, "not both"),
+        ((), {}, TypeError, "codebook_dim= and codebook_size="),
+        ((), {"codebook_dim": 8}, TypeError, "codebook_size"),
+        ((ViTVQConfig.from_preset("tiny"),), {"codebook_dim": 8}, TypeError, "not both"),
+        ((ViTVQConfig.from_preset("tiny"),), {"l2_normalize": False}, TypeError, "not both"),
         ((8,), {}, TypeError, "expects a ViTVQConfig"),
-        ((), {"dim": 8, "codebook_size": 16, "metric": "dot"}, ValueError, "metric"),
-        ((), {"dim": 8, "codebook_size": 16, "ema_decay": 1.0}, ValueError, "ema_decay"),
-        ((), {"dim": 8, "codebook_size": 0}, ValueError, "codebook_size"),
-        ((), {"dim": 8, "codebook_size": 16, "gradient": "gumbel"}, ValueError, "gradient"),
-        ((), {"dim": 8, "codebook_size": 16, "ema_eps": 1e300}, ValueError, "ema_eps must be in"),
-        ((), {"dim": 8, "codebook_size": 16, "commitment_beta": -1.0}, ValueError, "commitment_beta must be in"),
-        ((), {"dim": 8, "codebook_size": 2**30}, ValueError, r"codebook_size must be <= \d+ \(vit_vq.config.MAX_SIZES\)"),
-        ((), {"dim": 8, "codebook_size": 16, "dead_code_threshold": 2.0}, ValueError, "under dead_code_rule 'relative'"),
+        ((), {"codebook_dim": 8, "codebook_size": 16, "l2_normalize": "l2"}, ValueError, "l2_normalize"),
+        ((), {"codebook_dim": 8, "codebook_size": 16, "ema_decay": 1.0}, ValueError, "ema_decay"),
+        ((), {"codebook_dim": 8, "codebook_size": 0}, ValueError, "codebook_size"),
+        ((), {"codebook_dim": 8, "codebook_size": 16, "quantizer_gradient": "gumbel"}, ValueError, "quantizer_gradient"),
+        ((), {"codebook_dim": 8, "codebook_size": 16, "ema_eps": 1e300}, ValueError, "ema_eps must be in"),
+        ((), {"codebook_dim": 8, "codebook_size": 16, "commitment_beta": -1.0}, ValueError, "commitment_beta must be in"),
+        ((), {"codebook_dim": 8, "codebook_size": 2**30}, ValueError, r"codebook_size must be <= \d+ \(vit_vq.config.MAX"),
+        ((), {"codebook_dim": 8, "codebook_size": 16, "dead_code_threshold": 2.0}, ValueError, "under dead_code_rule 'relative'"),
     ],
 )
 def test_bad_constructions_raise(args, kwargs, error, match):
@@ -109,7 +101,7 @@ def test_bad_constructions_raise(args, kwargs, error, match):
 
 def test_wrong_latent_width_raises():
     with pytest.raises(ValueError, match=r"\[\.\.\., 8\]"):
-        VectorQuantizer(dim=8, codebook_size=16)(torch.randn(2, 5, 4))
+        VectorQuantizer(codebook_dim=8, codebook_size=16)(torch.randn(2, 5, 4))
 
 
 def test_config_json_without_the_new_fields_loads_with_the_old_behaviour():
@@ -123,8 +115,8 @@ def test_config_json_without_the_new_fields_loads_with_the_old_behaviour():
 
 
 def test_dead_code_rules_against_hand_counts():
-    relative = VectorQuantizer(dim=2, codebook_size=4, dead_code_threshold=0.5)
-    absolute = VectorQuantizer(dim=2, codebook_size=4, dead_code_threshold=0.5, dead_code_rule="absolute")
+    relative = VectorQuantizer(codebook_dim=2, codebook_size=4, dead_code_threshold=0.5)
+    absolute = VectorQuantizer(codebook_dim=2, codebook_size=4, dead_code_threshold=0.5, dead_code_rule="absolute")
     usage = torch.tensor([0.1, 0.3, 0.6, 3.0])  # mean 1.0
     for q in (relative, absolute):
         q.ema_count.copy_(usage)
@@ -162,8 +154,10 @@ def test_rotation_trick_gradient_matches_a_float64_reference(dim):
 
 def test_rotation_quantizer_keeps_forward_values_and_changes_only_the_gradient():
     torch.manual_seed(0)
-    ste = VectorQuantizer(dim=6, codebook_size=32, metric="l2", use_ema=False).train()
-    rot = VectorQuantizer(dim=6, codebook_size=32, metric="l2", use_ema=False, gradient="rotation").train()
+    ste = VectorQuantizer(codebook_dim=6, codebook_size=32, l2_normalize=False, use_ema=False).train()
+    rot = VectorQuantizer(
+        codebook_dim=6, codebook_size=32, l2_normalize=False, use_ema=False, quantizer_gradient="rotation"
+    ).train()
     rot.load_state_dict(ste.state_dict())
     z = torch.randn(3, 20, 6)
     za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()

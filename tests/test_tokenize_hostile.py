@@ -68,7 +68,7 @@ def test_hard_linked_or_fifo_lock_file_is_refused(tmp_path):
     os.mkfifo(fifo / LOCK_NAME)
     code = """
         import sys
-        from vit_vq.pipeline.outdir import FolderLock
+        from vit_vq.pipeline.outdir import tokenize_lock as FolderLock
         for folder in sys.argv[1:]:
             try:
                 FolderLock(folder).acquire()

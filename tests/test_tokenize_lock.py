@@ -151,10 +151,11 @@ def test_files_of_another_run_are_never_overwritten(capsys, tmp_path, photo_dir,
 
 
 def test_lock_file_names_pid_and_dies_with_the_process(tmp_path):
-    from vit_vq.pipeline.outdir import FolderInUseError, FolderLock
+    from vit_vq.files import FolderInUseError
+    from vit_vq.pipeline.outdir import tokenize_lock as FolderLock
 
     code = (
-        "import sys; from vit_vq.pipeline.outdir import FolderLock\n"
+        "import sys; from vit_vq.pipeline.outdir import tokenize_lock as FolderLock\n"
         "FolderLock(sys.argv[1]).acquire(); print('LOCKED', flush=True); sys.stdin.read()"
     )
     holder = subprocess.Popen(

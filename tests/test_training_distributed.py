@@ -37,7 +37,7 @@ WORKER = textwrap.dedent(
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     disc = trainer.accelerator.unwrap_model(trainer.discriminator)
     state.update({f"disc.{k}": v.detach().contiguous() for k, v in disc.state_dict().items()})
-    state["recent"] = model.quantizer.recent.contiguous()  # this rank's own encoder outputs
+    state["recent"] = model.quantizer.restart_pool.contiguous()  # this rank's own encoder outputs
     state["world"] = torch.tensor(trainer.accelerator.num_processes)
     state["step"] = torch.tensor(result.step)
     save_file(state, f"{out}/rank{rank}.safetensors")

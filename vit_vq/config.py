@@ -16,6 +16,12 @@ from typing import Any, Literal, get_args
 FORMAT_VERSION = 1
 
 PixelConvention = Literal["minus_one_one", "zero_one", "imagenet"]
+# (mean, std) per channel of each convention: the encoder sees (pixels in [0, 1] - mean) / std.
+PIXEL_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "minus_one_one": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "zero_one": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
 
 # Upper bounds, far above any published tokenizer: a hand-edited config.json cannot ask for
 # gigabytes before the weights are checked against it (see docs/security.md).
@@ -186,12 +192,11 @@ class ViTVQConfig:
                 f"decoder_head 'conv_upsample' doubles the token grid log2(patch_size) times, so patch_size "
                 f"must be a power of two, got {self.patch_size}"
             )
-        for name, kind in (("quantizer_gradient", QuantizerGradient), ("dead_code_rule", DeadCodeRule)):
+        options = (("quantizer_gradient", QuantizerGradient), ("dead_code_rule", DeadCodeRule),
+                   ("pixel_convention", PixelConvention))  # fmt: skip
+        for name, kind in options:
             if getattr(self, name) not in get_args(kind):
                 raise ValueError(f"{name} must be one of {get_args(kind)}, got {getattr(self, name)!r}")
-        conventions = ("minus_one_one", "zero_one", "imagenet")
-        if self.pixel_convention not in conventions:
-            raise ValueError(f"pixel_convention must be one of {conventions}, got {self.pixel_convention!r}")
 
     # -- derived ---------------------------------------------------------------------
     @property

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from .files import NotRegularFileError, open_regular
 from .hub import looks_local
 from .preprocess import to_tensor
 
@@ -163,38 +163,14 @@ def _decode(f: io.BufferedReader | io.BytesIO) -> torch.Tensor:
         return to_tensor(im)
 
 
-# What `os.stat` says a path is, for files that are not regular.
-_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"))
-
-
-def _not_regular(path: Path, mode: int) -> str | None:
-    """Why `path` (of `os.stat` mode `mode`) cannot be read as an image file, or None for a regular file."""
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISDIR(mode):
-        return _folder_error(path)
-    kind = next((kind for test, kind in _FILE_KINDS if test(mode)), f"file type {stat.S_IFMT(mode):#o}")
-    return f"not a regular file: {kind}" + (" (through a symbolic link)" if path.is_symlink() else "")
-
-
 def _open_regular_file(path: Path) -> io.BufferedReader:
-    """Open `path` for reading if it is a regular file (links followed), else raise `ValueError` saying what it is.
-
-    Checked before opening (opening a FIFO blocks, opening a device can act on it) and again
-    on the open file, without blocking, so a file swapped in between is refused too.
-    """
-    reason = _not_regular(path, path.stat().st_mode)
-    if reason is None:
-        nonblocking = getattr(os, "O_NONBLOCK", 0)
-        f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | nonblocking))
-        reason = _not_regular(path, os.fstat(f.fileno()).st_mode)
-        if reason is None:
-            if nonblocking:
-                os.set_blocking(f.fileno(), True)
-            return f
-        f.close()
-    raise ValueError(reason)
+    """`files.open_regular`, with the reason in the words of an image loader (a folder's reason says why)."""
+    try:
+        return open_regular(path)
+    except NotRegularFileError as err:
+        if err.kind == "a folder":
+            raise ValueError(_folder_error(path)) from None
+        raise ValueError(f"not a regular file: {err.kind}" + (" (through a symbolic link)" if err.via_link else "")) from None
 
 
 def _folder_error(folder: Path) -> str:

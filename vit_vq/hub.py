@@ -8,13 +8,15 @@ Hub repo id; `resolve_model_name` tells them apart without touching the network,
 
 from __future__ import annotations
 
-import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from .config import ViTVQConfig
-from .loading import listing
+from .files import lost_to_a_crash
+from .registry import bundled_model_dir, is_bundled_name
 
+MAX_LISTED = 5
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
@@ -45,6 +47,13 @@ images = tok.decode(codes)
 """
 
 
+def listing(items: Iterable[str], limit: int = MAX_LISTED) -> str:
+    """`[a, b, c, ...] (N in all)`: a few items, then the count, so messages stay short."""
+    items = list(items)
+    head = ", ".join(items[:limit])
+    return f"[{head}]" if len(items) <= limit else f"[{head}, ...] ({len(items)} in all)"
+
+
 def model_card(config: ViTVQConfig, repo_id: str | None = None, extra: str = "") -> str:
     from huggingface_hub import ModelCardData
 
@@ -71,18 +80,6 @@ def is_generated_card(head: bytes) -> bool:
     return CARD_MARKER.encode() in head
 
 
-def current_umask() -> int:
-    """The process umask (read by setting and restoring it): temp files ignore it, our outputs follow it."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-
-NAME_PREFIX = "vit_vq:"
-BUNDLED_NAMES = ("default", "default-v1")  # vit_vq.default_model.BUNDLED_DIRS holds their folders
-
-
 def looks_local(name: str) -> bool:
     """Whether `name` is shaped like a path rather than a Hub id (`name` or `org/name`).
 
@@ -92,13 +89,12 @@ def looks_local(name: str) -> bool:
 
 
 def resolve_model_name(name: str | Path) -> str | Path:
-    """Where a model name points, without any network call: a local folder (`Path`) or a Hub id (`str`).
+    """Where a model name points: a local folder (`Path`) or a Hub id (`str`). Reads, never writes.
 
-    - `vit_vq:default`: the tokenizer bundled with the package (`vit_vq.default_model`);
-      `vit_vq:default-v1`: the bundled default of vit_vq 0.1, kept so that its codes still decode;
+    - `vit_vq:<name>`: a tokenizer bundled with the package (`vit_vq.registry`);
     - a `Path`, an existing path, a path-shaped string (see `looks_local`), or any name whose
-      folder (through symlinks) was lost to a crash mid-save and whose old copy lies beside it:
-      a local folder, restored first in the last case (`vit_vq.saving.recover`);
+      folder (through symlinks) was lost to a crash mid-save and whose old copy lies beside it
+      (loading and saving restore it: `vit_vq.files.recover`): a local folder;
     - anything else: a Hub repo id.
 
     Raises:
@@ -106,21 +102,11 @@ def resolve_model_name(name: str | Path) -> str | Path:
         FileNotFoundError: a local folder that does not exist: `no such folder: '<name>'`.
     """
     text = str(name)
-    if isinstance(name, str) and text.startswith(NAME_PREFIX):
-        bundled = text[len(NAME_PREFIX):]
-        if bundled not in BUNDLED_NAMES:
-            known = ", ".join(NAME_PREFIX + n for n in BUNDLED_NAMES)
-            raise ValueError(f"unknown bundled model {text!r}; known names: {known}")
-        from .default_model import bundled_model_dir
-
-        return bundled_model_dir(bundled)
-    from .saving import lost_to_a_crash, recover
-
+    if isinstance(name, str) and is_bundled_name(name):
+        return bundled_model_dir(name)
     path = Path(text).expanduser()
     if isinstance(name, Path) or path.exists() or looks_local(text) or lost_to_a_crash(path):
-        if not path.exists():  # missing, or a link to a folder that is missing
-            recover(path)
-        if not path.exists():
+        if not path.exists() and not lost_to_a_crash(path):  # missing, or a link to a folder that is missing
             raise FileNotFoundError(
                 f"no such folder: {text!r} (a local tokenizer folder holds {CONFIG_NAME} and {WEIGHTS_NAME})"
             )
@@ -140,22 +126,19 @@ def resolve_files(
     """Paths of `config.json` and `model.safetensors` for a model name (see `resolve_model_name`).
 
     Raises:
-        FileNotFoundError: no such folder, a folder without the files, or a Hub repo, revision or
+        FileNotFoundError: no such folder, or a Hub repo, revision or
             file that cannot be found (online, or in the cache when offline); the message names it.
         ValueError: an unknown `vit_vq:` name, a path that is not a folder, or an invalid Hub id.
     """
     where = resolve_model_name(name_or_path)
     if isinstance(where, Path):
+        if not where.exists():
+            raise FileNotFoundError(
+                f"no such folder: {str(name_or_path)!r}; a save into it was interrupted, and loading it restores it"
+            )
         if not where.is_dir():
             raise ValueError(f"{where} is not a folder; a tokenizer is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
-        files = where / CONFIG_NAME, where / WEIGHTS_NAME
-        missing = [f.name for f in files if not os.path.lexists(f)]
-        if missing:
-            others = sorted(p.name for p in where.iterdir())
-            raise FileNotFoundError(
-                f"{where} has no {' or '.join(missing)} (found: {listing(others)}); vit_vq reads only safetensors weights"
-            )
-        return files
+        return where / CONFIG_NAME, where / WEIGHTS_NAME  # loading checks that they exist
     kwargs: dict[str, Any] = dict(
         revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token, force_download=force_download,
     )

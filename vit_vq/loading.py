@@ -18,35 +18,21 @@ Nothing is unpickled: only `model.safetensors` is read.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import stat
-from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from . import hub, json_fields
 from .config import ViTVQConfig
+from .files import NotRegularFileError, lost_to_a_crash, open_regular, recover, regular_file_size
+from .hub import MAX_LISTED, listing
 
 MAX_CONFIG_BYTES = 1 << 20
-MAX_LISTED = 5
 MAX_MESSAGE_CHARS = 500
 DEPTH_KEYS = {"encoder_depth": "encoder.transformer.blocks.", "decoder_depth": "decoder.transformer.blocks."}
-
-_KINDS = {
-    stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder",
-}
-
-
-def listing(items: Iterable[str], limit: int = MAX_LISTED) -> str:
-    """`[a, b, c, ...] (N in all)`: a few items, then the count, so messages stay short."""
-    items = list(items)
-    head = ", ".join(items[:limit])
-    return f"[{head}]" if len(items) <= limit else f"[{head}, ...] ({len(items)} in all)"
-
 
 def check_regular_file(path: Path) -> int:
     """The size of `path`, which must be a regular, readable file (checked without opening a FIFO).
@@ -57,24 +43,13 @@ def check_regular_file(path: Path) -> int:
         PermissionError: it cannot be read.
     """
     try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist (or is a link to nothing)") from None
-    except PermissionError:
-        raise PermissionError(f"cannot read {path}: permission denied") from None
-    if not stat.S_ISREG(info.st_mode):
-        kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
-        raise ValueError(f"{path} is {kind}; vit_vq reads tokenizer files only from regular files")
-    try:
-        with open(path, "rb"):
-            pass
-    except PermissionError:
-        raise PermissionError(f"cannot read {path}: permission denied") from None
-    return info.st_size
+        return regular_file_size(path)
+    except NotRegularFileError as err:
+        raise ValueError(f"{path} is {err.kind}; vit_vq reads tokenizer files only from regular files") from None
 
 
 def read_config(path: Path) -> ViTVQConfig:
-    """Parse and validate `config.json`.
+    """Parse and validate `config.json` (through `vit_vq.json_fields`, as codes metadata is).
 
     Raises:
         ValueError: too large, not UTF-8 JSON, nested too deeply, not an object, or a field of the
@@ -83,12 +58,8 @@ def read_config(path: Path) -> ViTVQConfig:
     size = check_regular_file(path)
     if size > MAX_CONFIG_BYTES:
         raise ValueError(f"{path} is {size} bytes; a vit_vq config.json is under {MAX_CONFIG_BYTES} bytes")
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    except RecursionError:
-        raise ValueError(f"{path} nests JSON too deeply to be a vit_vq config") from None
+    with open_regular(path) as f:
+        data = json_fields.parse(f.read(MAX_CONFIG_BYTES + 1), source=str(path), max_chars=MAX_CONFIG_BYTES)
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     try:
@@ -248,8 +219,55 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
     model.load_state_dict(cast_to_model(model, state, source), strict=True)
 
 
+def resolve_for_loading(name: str | Path, **hub_kwargs: Any) -> tuple[Path, Path]:
+    """`hub.resolve_files`, after restoring a local folder that a crash mid-save left missing.
+
+    Raises:
+        FileNotFoundError: no such folder, a folder without the files (the message lists what it
+            holds), or a Hub repo or file that cannot be found.
+        ValueError: an unknown `vit_vq:` name, a path that is not a folder, or an invalid Hub id.
+    """
+    where = hub.resolve_model_name(name)
+    if isinstance(where, Path) and lost_to_a_crash(where):
+        recover(where)
+    config_path, weights_path = hub.resolve_files(name, **hub_kwargs)
+    if isinstance(where, Path):
+        missing = [f.name for f in (config_path, weights_path) if not f.exists() and not f.is_symlink()]
+        if missing:
+            others = sorted(p.name for p in where.iterdir())
+            raise FileNotFoundError(
+                f"{where} has no {' or '.join(missing)} (found: {listing(others)}); vit_vq reads only safetensors weights"
+            )
+    return config_path, weights_path
+
+
+def load_pretrained(
+    cls: type[nn.Module], name: str | Path, *, map_location: str | torch.device = "cpu",
+    torch_dtype: torch.dtype | None = None, **hub_kwargs: Any,
+) -> nn.Module:
+    """Read a saved tokenizer strictly (steps 1-4 above) into `cls(config)`, in eval mode on `map_location`.
+
+    `torch_dtype` casts the encoder and decoder (the codebook stays float32) and checks the cast
+    weights are finite. See `ViTVQTokenizer.from_pretrained` for the arguments and errors.
+    """
+    if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+        raise ValueError(f"torch_dtype must be a floating torch.dtype such as torch.bfloat16, got {torch_dtype!r}")
+    config_path, weights_path = resolve_for_loading(name, **hub_kwargs)
+    config = read_config(config_path)
+    check_header(cls, config, read_header(weights_path), weights_path)
+    state = read_weights(weights_path)
+    model = cls(config)
+    load_state_strict(model, state, weights_path)
+    model = model.to(map_location).eval()
+    if torch_dtype is not None:
+        model.encoder.to(torch_dtype)
+        model.decoder.to(torch_dtype)
+        cast = {f"{part}.{k}": v for part in ("encoder", "decoder") for k, v in getattr(model, part).state_dict().items()}
+        check_finite(cast, weights_path, f" once cast to torch_dtype={torch_dtype} (values beyond its range)")
+    return model
+
+
 __all__ = [
-    "read_config", "read_header", "check_header", "read_weights", "load_state_strict", "cast_to_model", "check_finite",
-    "check_regular_file",
-    "listing", "MAX_CONFIG_BYTES", "MAX_LISTED",
+    "load_pretrained", "resolve_for_loading", "read_config", "read_header", "check_header", "read_weights",
+    "load_state_strict", "cast_to_model", "check_finite", "check_regular_file", "listing", "MAX_CONFIG_BYTES", "MAX_LISTED",
 ]

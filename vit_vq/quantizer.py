@@ -23,8 +23,9 @@ Design:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,6 @@ from . import distributed
 from .config import DeadCodeRule, QuantizerGradient, ViTVQConfig
 from .ops import codebook_statistics, nearest_code
 
-Metric = Literal["l2", "cosine"]
 RESTART_NOISE = 0.01  # noise on restart copies, relative to the pool's root-mean-square entry
 
 
@@ -96,15 +96,16 @@ class QuantizerOutput:
 class VectorQuantizer(nn.Module):
     """Vector quantizer over a `[codebook_size, codebook_dim]` codebook.
 
-    Build it from a config, `VectorQuantizer(config)`, or with keyword settings,
-    `VectorQuantizer(dim=8, codebook_size=256, metric="l2")`; settings left out take
-    `ViTVQConfig`'s defaults (cosine metric, EMA codebook).
+    Build it from a config, `VectorQuantizer(config)`, or with keyword settings named as the
+    config fields, `VectorQuantizer(codebook_dim=8, codebook_size=256, l2_normalize=False)`;
+    settings left out take `ViTVQConfig`'s defaults (cosine metric, EMA codebook).
 
     Args:
         config: a `ViTVQConfig` (the tokenizer's) or a `QuantizerConfig`.
-        dim: code dimension D (keyword form).
+        codebook_dim: code dimension D (keyword form).
         codebook_size: number of codes K (keyword form).
-        metric: `"l2"` or `"cosine"` (both sides l2-normalised).
+        l2_normalize: compare directions (the cosine metric: both sides l2-normalised) instead of
+            plain l2 distances.
         commitment_beta: weight of the commitment loss `||z - sg(e)||^2`.
         use_ema: EMA codebook (a buffer) instead of a learnable one (a parameter, trained by the
             codebook loss).
@@ -115,9 +116,13 @@ class VectorQuantizer(nn.Module):
             (the threshold itself, in latents per update).
         kmeans_init: initialise the codebook by k-means once K latents have been seen.
         kmeans_iters: Lloyd iterations of that k-means.
-        gradient: `"ste"` (straight-through) or `"rotation"` (the rotation trick).
+        quantizer_gradient: `"ste"` (straight-through) or `"rotation"` (the rotation trick).
         auto_update: call `update_codebook()` at the end of every training `forward`.
-        restart_pool: how many recent encoder outputs to keep for dead-code restarts.
+        restart_pool_size: how many recent encoder outputs to keep for dead-code restarts
+            (the `restart_pool` buffer; default `max(codebook_size, 4096)`).
+
+    The keywords of vit_vq 0.2, `dim`, `metric`, `gradient` and `restart_pool`, still work for
+    this release, with a `DeprecationWarning`.
 
     Raises:
         TypeError: when both a config and keyword settings are given, or neither a config nor
@@ -129,9 +134,9 @@ class VectorQuantizer(nn.Module):
         self,
         config: ViTVQConfig | QuantizerConfig | None = None,
         *,
-        dim: int | None = None,
+        codebook_dim: int | None = None,
         codebook_size: int | None = None,
-        metric: Metric | None = None,
+        l2_normalize: bool | None = None,
         commitment_beta: float | None = None,
         use_ema: bool | None = None,
         ema_decay: float | None = None,
@@ -140,23 +145,20 @@ class VectorQuantizer(nn.Module):
         dead_code_rule: DeadCodeRule | None = None,
         kmeans_init: bool | None = None,
         kmeans_iters: int | None = None,
-        gradient: QuantizerGradient | None = None,
+        quantizer_gradient: QuantizerGradient | None = None,
         auto_update: bool = True,
-        restart_pool: int | None = None,
+        restart_pool_size: int | None = None,
+        **deprecated: Any,
     ):
         super().__init__()
         settings = {
-            "codebook_dim": dim, "codebook_size": codebook_size, "commitment_beta": commitment_beta,
-            "use_ema": use_ema, "ema_decay": ema_decay, "ema_eps": ema_eps,
+            "codebook_dim": codebook_dim, "codebook_size": codebook_size, "l2_normalize": l2_normalize,
+            "commitment_beta": commitment_beta, "use_ema": use_ema, "ema_decay": ema_decay, "ema_eps": ema_eps,
             "dead_code_threshold": dead_code_threshold, "dead_code_rule": dead_code_rule,
-            "kmeans_init": kmeans_init, "kmeans_iters": kmeans_iters,
-            "quantizer_gradient": gradient,
+            "kmeans_init": kmeans_init, "kmeans_iters": kmeans_iters, "quantizer_gradient": quantizer_gradient,
         }  # fmt: skip
-        if metric is not None:
-            if metric not in ("l2", "cosine"):
-                raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
-            settings["l2_normalize"] = metric == "cosine"
         settings = {k: v for k, v in settings.items() if v is not None}
+        restart_pool_size = _old_keywords(deprecated, settings, restart_pool_size)
         self.config = _quantizer_config(config, settings)
         self.auto_update = auto_update
         config = self.config
@@ -176,12 +178,15 @@ class VectorQuantizer(nn.Module):
         # scratch accumulators between updates
         self.register_buffer("acc_count", torch.zeros(K), persistent=False)
         self.register_buffer("acc_sum", torch.zeros(K, Dm) if config.use_ema else torch.zeros(0), persistent=False)
-        pool = restart_pool or max(K, 4096)
-        self.register_buffer("recent", torch.zeros(pool, Dm), persistent=False)
-        self.register_buffer("recent_len", torch.zeros((), dtype=torch.int64), persistent=False)
+        if restart_pool_size is None:
+            restart_pool_size = max(K, 4096)
+        if isinstance(restart_pool_size, bool) or not isinstance(restart_pool_size, int) or restart_pool_size < 1:
+            raise ValueError(f"restart_pool_size must be a positive int (latents kept for restarts), got {restart_pool_size!r}")
+        self.register_buffer("restart_pool", torch.zeros(restart_pool_size, Dm), persistent=False)
+        self.register_buffer("restart_pool_len", torch.zeros((), dtype=torch.int64), persistent=False)
         self._kmeans_samples: list[torch.Tensor] = []
 
-    _FP32_STATE = ("embed", "ema_count", "ema_sum", "acc_count", "acc_sum", "recent")
+    _FP32_STATE = ("embed", "ema_count", "ema_sum", "acc_count", "acc_sum", "restart_pool")
 
     def _apply(self, fn, recurse=True):
         """Moves follow `.to(device)`, but codebook state stays float32 under `.half()` / `.to(bf16)`.
@@ -253,8 +258,11 @@ class VectorQuantizer(nn.Module):
             codebook = self._lookup_form(weight)  # (K, D) float32
             idx = nearest_code(flat.detach(), codebook.detach(), metric=self.metric)  # (N,)
             e = F.embedding(idx, codebook)  # (N, D)
-            codebook_loss = F.mse_loss(e, flat.detach())
-            commit_loss = self.config.commitment_beta * F.mse_loss(flat, e.detach())
+            if flat.shape[0] == 0:  # an empty batch: no loss (mse_loss of nothing is NaN), still a graph
+                codebook_loss = commit_loss = flat.sum() + e.sum() * 0
+            else:
+                codebook_loss = F.mse_loss(e, flat.detach())
+                commit_loss = self.config.commitment_beta * F.mse_loss(flat, e.detach())
             if self.config.quantizer_gradient == "rotation" and flat.requires_grad:  # same values, other gradient
                 quantized = rotation_trick(flat, e.detach())
             else:
@@ -286,25 +294,29 @@ class VectorQuantizer(nn.Module):
             "dead_codes": self.dead_mask().sum().float(),
         }
 
-    def dead_mask(self) -> torch.Tensor:
-        """Codes whose usage EMA is below `dead_code_threshold` times the mean code's usage (relative
-        rule), or below `dead_code_threshold` latents per update (absolute rule)."""
+    def dead_level(self) -> torch.Tensor:
+        """The usage EMA below which a code is dead: `dead_code_threshold` times the mean code's
+        usage (relative rule), or `dead_code_threshold` latents per update (absolute rule)."""
         threshold = self.config.dead_code_threshold
         if self.config.dead_code_rule == "relative":
-            return self.ema_count < threshold * self.ema_count.mean()
-        return self.ema_count < threshold
+            return threshold * self.ema_count.mean()
+        return torch.tensor(threshold, device=self.ema_count.device)
+
+    def dead_mask(self) -> torch.Tensor:
+        """Codes whose usage EMA is below `dead_level()`."""
+        return self.ema_count < self.dead_level()
 
     def _observe(self, flat: torch.Tensor) -> None:
         """Remember recent encoder outputs (restart pool) and k-means samples."""
-        pool = self.recent.shape[0]
+        pool = self.restart_pool.shape[0]
         take = flat[-pool:] if flat.shape[0] > pool else flat
         n = take.shape[0]
-        start = int(self.recent_len) % pool
+        start = int(self.restart_pool_len) % pool
         first = min(n, pool - start)
-        self.recent[start : start + first] = take[:first]
+        self.restart_pool[start : start + first] = take[:first]
         if first < n:
-            self.recent[: n - first] = take[first:]
-        self.recent_len += n
+            self.restart_pool[: n - first] = take[first:]
+        self.restart_pool_len += n
         if not bool(self.initialized):
             self._kmeans_samples.append(flat.clone())
 
@@ -326,7 +338,9 @@ class VectorQuantizer(nn.Module):
         distributed.all_reduce_sum_(self.acc_count, self.acc_sum)
         if float(self.acc_count.sum()) == 0:
             return
-        decay = cfg.ema_decay
+        # The first update takes the batch's statistics whole: an EMA warmed up from zero would
+        # put every count below an absolute dead-code threshold for its first ~1/(1-decay) updates.
+        decay = cfg.ema_decay if float(self.ema_count.sum()) > 0 else 0.0
         self.ema_count.lerp_(self.acc_count, 1 - decay)
         if cfg.use_ema:
             self.ema_sum.lerp_(self.acc_sum, 1 - decay)
@@ -343,16 +357,18 @@ class VectorQuantizer(nn.Module):
     def _restart_dead_codes(self) -> None:
         dead = self.dead_mask()
         num_dead = int(dead.sum())
-        available = min(int(self.recent_len), self.recent.shape[0])
+        available = min(int(self.restart_pool_len), self.restart_pool.shape[0])
         if num_dead == 0 or available == 0:
             return
         vectors = self._restart_vectors(num_dead, available)
         distributed.broadcast_(vectors, src=0)  # sampled on rank 0: identical on every rank
-        mean = self.ema_count.mean()
+        # A restarted code starts at the mean code's usage, and never below the dead level, which
+        # would make it dead on arrival and restart it again at the next update.
+        start = torch.maximum(self.ema_count.mean(), self.dead_level())
         self.embed[dead] = vectors.to(self.embed.dtype)  # in place, so autograd's version check sees it
-        self.ema_count[dead] = mean
+        self.ema_count[dead] = start
         if self.config.use_ema:
-            self.ema_sum[dead] = vectors * mean
+            self.ema_sum[dead] = vectors * start
 
     def _restart_vectors(self, count: int, available: int) -> torch.Tensor:
         """`[count, D]` restart vectors from the pool's first `available` rows, drawn without replacement.
@@ -360,7 +376,7 @@ class VectorQuantizer(nn.Module):
         A pool smaller than `count` gives every row once, and noise-perturbed copies for the rest
         (noise `RESTART_NOISE` times the pool's root-mean-square entry), so no two restarts coincide.
         """
-        pool = self.recent[:available]
+        pool = self.restart_pool[:available]
         order = torch.randperm(available, device=pool.device)
         if available >= count:
             return pool[order[:count]].clone()
@@ -425,12 +441,44 @@ def _quantizer_config(config: object, settings: dict) -> QuantizerConfig:
     if config is not None:
         raise TypeError(
             f"VectorQuantizer(config) expects a ViTVQConfig or QuantizerConfig, got {type(config).__name__}; "
-            "for a standalone quantizer use keywords, e.g. VectorQuantizer(dim=8, codebook_size=256)"
+            "for a standalone quantizer use keywords, e.g. VectorQuantizer(codebook_dim=8, codebook_size=256)"
         )
-    missing = [name for name, key in (("dim", "codebook_dim"), ("codebook_size", "codebook_size")) if key not in settings]
+    missing = [key for key in ("codebook_dim", "codebook_size") if key not in settings]
     if missing:
-        raise TypeError(f"VectorQuantizer needs a config, or dim= and codebook_size=; missing {missing}")
+        raise TypeError(f"VectorQuantizer needs a config, or codebook_dim= and codebook_size=; missing {missing}")
     return QuantizerConfig(**settings)
+
+
+_RENAMED = {  # vit_vq 0.2's keyword -> the config field's name
+    "dim": "codebook_dim", "metric": "l2_normalize", "gradient": "quantizer_gradient", "restart_pool": "restart_pool_size",
+}
+
+
+def _old_keywords(old: dict[str, Any], settings: dict[str, Any], restart_pool_size: int | None) -> int | None:
+    """Map vit_vq 0.2's keywords onto the config field names (with a `DeprecationWarning`); returns the pool size.
+
+    Raises:
+        TypeError: an unknown keyword, or an old one given beside its new name.
+        ValueError: a `metric` other than "l2" or "cosine".
+    """
+    unknown = sorted(set(old) - set(_RENAMED))
+    if unknown:
+        raise TypeError(f"VectorQuantizer got unexpected keywords {unknown}; its settings take ViTVQConfig's field names")
+    for name, value in old.items():
+        new = _RENAMED[name]
+        message = f"VectorQuantizer({name}=...) is deprecated; use {new}= (the config field's name)"
+        warnings.warn(message, DeprecationWarning, stacklevel=3)
+        if new in settings or (new == "restart_pool_size" and restart_pool_size is not None):
+            raise TypeError(f"VectorQuantizer got both {name}= and {new}=; give {new}= only")
+        if name == "metric":
+            if value not in ("l2", "cosine"):
+                raise ValueError(f"metric must be 'l2' or 'cosine', got {value!r}")
+            value = value == "cosine"
+        if new == "restart_pool_size":
+            restart_pool_size = value if value is not None else None
+        elif value is not None:
+            settings[new] = value
+    return restart_pool_size
 
 
 def kmeans(samples: torch.Tensor, k: int, iters: int, *, spherical: bool) -> torch.Tensor:

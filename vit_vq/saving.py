@@ -1,7 +1,8 @@
 """Saving a tokenizer folder so that concurrent saves and crashes cannot lose files.
 
 A save writes every file into a hidden sibling `.<name>.tmp-*`, then swaps it in with two
-renames (`<name>` -> `.<name>.old-*`, tmp -> `<name>`) and deletes the old copy. Around that:
+renames (`<name>` -> `.<name>.old-*`, tmp -> `<name>`) and deletes the old copy: the folder swap
+and its lock live in `vit_vq.files`. Around that:
 
 - a per-folder lock, `.<name>.lock` beside the folder (an OS-level `flock`, released when the
   process dies), serialises saves into one folder, from threads or processes;
@@ -16,146 +17,38 @@ renames (`<name>` -> `.<name>.old-*`, tmp -> `<name>`) and deletes the old copy.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import stat
-import tempfile
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from filelock import FileLock, Timeout
 from torch import nn
 
 from .config import ViTVQConfig
-from .hub import CARD_NAME, CARD_SNIFF_BYTES, CONFIG_NAME, MANAGED, WEIGHTS_NAME, current_umask, is_generated_card
+from .files import (
+    MAX_STEM_BYTES,
+    SWAP_LOCK_TIMEOUT_S,
+    has_leftovers,
+    lost_to_a_crash,
+    new_tmp_folder,
+    read_umask,
+    real_folder,
+    recover,
+    recover_locked,
+    remove,
+    stem,
+    swap_in,
+    swap_lock,
+)
+from .hub import CARD_NAME, CARD_SNIFF_BYTES, CONFIG_NAME, MANAGED, WEIGHTS_NAME, is_generated_card, model_card
 
-LOCK_TIMEOUT_S = 600.0
-_TMP, _OLD, _TRASH = "tmp", "old", "trash"
-# `.<stem>.trash-<8 hex>` must fit in a 255-byte file name: longer folder names are cut to
-# `SHORT_STEM_BYTES` and followed by a hash of the whole name.
-MAX_STEM_BYTES = 200
-SHORT_STEM_BYTES = 160
-
-
-def stem(directory: Path) -> str:
-    """The folder's name as its hidden siblings spell it: the name, or a prefix + hash when too long."""
-    name = directory.name
-    if len(os.fsencode(name)) <= MAX_STEM_BYTES:
-        return name
-    short = name
-    while len(os.fsencode(short)) > SHORT_STEM_BYTES:
-        short = short[:-1]
-    return f"{short}~{hashlib.sha256(os.fsencode(name)).hexdigest()[:16]}"
-
-
-def _sibling(directory: Path, suffix: str) -> Path:
-    return directory.with_name(f".{stem(directory)}.{suffix}")
+LOCK_TIMEOUT_S = SWAP_LOCK_TIMEOUT_S
 
 
 def lock_path(directory: Path) -> Path:
-    """The lock file of `directory`: `.<name>.lock` beside it (see `stem` for long names)."""
-    return _sibling(directory, "lock")
-
-
-def folder_lock(directory: Path) -> FileLock:
-    """The per-folder lock shared by every save and recovery of `directory` (re-entrant in a process)."""
-    return FileLock(str(lock_path(directory)), timeout=LOCK_TIMEOUT_S)
-
-
-def _hidden(directory: Path, kind: str) -> list[Path]:
-    """The `.<name>.<kind>-*` siblings of `directory` (none when its parent cannot be listed)."""
-    prefix = f".{stem(directory)}.{kind}-"
-    try:
-        return [p for p in directory.parent.iterdir() if p.name.startswith(prefix)]
-    except OSError:
-        return []
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _discard(old: Path, directory: Path) -> None:
-    """Delete an old copy, renamed to `.trash-*` first so that an `.old-*` copy is whole or gone."""
-    trash = _sibling(directory, f"{_TRASH}-{uuid.uuid4().hex[:8]}")
-    try:
-        os.replace(old, trash)
-    except FileNotFoundError:
-        return
-    _remove(trash)
-
-
-def _recover_locked(directory: Path) -> bool:
-    """Resolve the hidden copies of an interrupted save (the caller holds the lock).
-
-    Returns True when a missing `directory` was restored from its old copy.
-    """
-    restored = False
-    olds = _hidden(directory, _OLD)
-    if not os.path.lexists(directory) and olds:
-        newest = max(olds, key=lambda p: p.lstat().st_ctime)
-        os.replace(newest, directory)  # the last complete save before the crash
-        olds.remove(newest)
-        restored = True
-    for old in olds:
-        _discard(old, directory)
-    for path in [*_hidden(directory, _TMP), *_hidden(directory, _TRASH)]:
-        _remove(path)
-    return restored
-
-
-def has_leftovers(directory: Path) -> bool:
-    """Whether hidden copies of an interrupted save of `directory` lie beside it."""
-    return any(_hidden(directory, kind) for kind in (_TMP, _OLD, _TRASH))
-
-
-def real_folder(directory: str | Path) -> Path:
-    """The folder a save into `directory` renames: `~` expanded, symlinks followed (even dangling ones)."""
-    return Path(os.path.realpath(Path(directory).expanduser()))
-
-
-def lost_to_a_crash(directory: str | Path) -> bool:
-    """Whether the real folder of `directory` is missing and an old copy from an interrupted save lies beside it."""
-    real = real_folder(directory)
-    return not os.path.lexists(real) and bool(_hidden(real, _OLD))
-
-
-def recover(directory: str | Path) -> bool:
-    """Finish or undo an interrupted save of `directory` (symlinks followed), under its lock.
-
-    Returns True when a missing folder was restored from the copy a crash left behind.
-
-    Raises:
-        TimeoutError: another process held the folder's lock for `LOCK_TIMEOUT_S` seconds.
-    """
-    directory = real_folder(directory)
-    if not has_leftovers(directory):
-        return False
-    with _locked(directory):
-        return _recover_locked(directory)
-
-
-@contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """Hold the folder's lock; a timeout becomes a `TimeoutError` that names the lock file."""
-    lock = folder_lock(directory)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise TimeoutError(
-            f"another process has held {lock.lock_file} for {LOCK_TIMEOUT_S:.0f} s while saving {directory}; "
-            "wait for it, or delete the lock file if no vit_vq process is running"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
+    """The lock file of `directory`: `.<name>.lock` beside it (see `files.stem` for long names)."""
+    return swap_lock(directory).path
 
 
 def check_target(directory: str | Path) -> Path:
@@ -212,6 +105,18 @@ def has_user_card(directory: Path) -> bool:
         return True
 
 
+def save_pretrained(
+    model: nn.Module, directory: str | Path, *, repo_id: str | None = None, model_card_kwargs: dict[str, Any] | None = None
+) -> Path:
+    """`ViTVQTokenizer.save_pretrained` without the Hub push: the model's config, weights and card.
+
+    A README.md that vit_vq did not write is kept unless `model_card_kwargs` is given.
+    """
+    extra = (model_card_kwargs or {}).get("extra", "")
+    card = model_card(model.config, repo_id=repo_id, extra=extra)
+    return save_folder(model, model.config, directory, card=card, replace_card=model_card_kwargs is not None)
+
+
 def save_folder(
     model: nn.Module, config: ViTVQConfig, directory: str | Path, *, card: str, replace_card: bool = False
 ) -> Path:
@@ -226,15 +131,15 @@ def save_folder(
     """
     directory = check_target(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(directory):
-        _recover_locked(directory)
+    with swap_lock(directory):
+        recover_locked(directory)
         keep_card = not replace_card and has_user_card(directory)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{stem(directory)}.{_TMP}-", dir=directory.parent))
+        tmp = new_tmp_folder(directory)
         try:
             _write(model, config, None if keep_card else card, directory, tmp)
-            _swap_in(tmp, directory)
+            swap_in(tmp, directory)
         except BaseException:
-            _remove(tmp)
+            remove(tmp)
             raise
     return directory
 
@@ -243,7 +148,7 @@ def _write(model: nn.Module, config: ViTVQConfig, card: str | None, directory: P
     """Write the files into `tmp`, then carry the user's files (and README.md when `card` is None)."""
     from safetensors.torch import save_file
 
-    umask = current_umask()
+    umask = read_umask()
     os.chmod(tmp, directory.stat().st_mode & 0o7777 if directory.exists() else 0o777 & ~umask)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "library": "vit_vq"})
@@ -259,32 +164,7 @@ def _write(model: nn.Module, config: ViTVQConfig, card: str | None, directory: P
         _carry_user_files(directory, tmp, written)
 
 
-def _swap_in(tmp: Path, directory: Path) -> None:
-    """Replace `directory` by `tmp` with two renames; the old copy is removed only afterwards."""
-    if not directory.exists():
-        os.replace(tmp, directory)
-        return
-    old = _sibling(directory, f"{_OLD}-{uuid.uuid4().hex[:8]}")
-    os.replace(directory, old)
-    try:
-        os.replace(tmp, directory)
-    except BaseException:
-        os.replace(old, directory)
-        raise
-    _fsync_dir(directory.parent)
-    _discard(old, directory)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames durable before the old copy goes."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 __all__ = [
-    "save_folder", "recover", "check_target", "folder_lock", "lock_path", "has_leftovers", "lost_to_a_crash",
+    "save_pretrained", "save_folder", "recover", "check_target", "lock_path", "has_leftovers", "lost_to_a_crash",
     "real_folder", "has_user_card", "stem", "LOCK_TIMEOUT_S", "MAX_STEM_BYTES",
 ]

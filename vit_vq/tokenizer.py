@@ -11,19 +11,13 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from . import hub
-from .config import ViTVQConfig
+from .config import PIXEL_STATS, ViTVQConfig
 from .decoder import Decoder
 from .encoder import Encoder
 from .preprocess import preprocess as _preprocess
 from .quantizer import QuantizerOutput, VectorQuantizer
+from .registry import DEFAULT_MODEL
 from .validation import check_images, check_indices
-
-_MEAN_STD = {
-    "minus_one_one": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "zero_one": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
 
 
 @dataclass
@@ -79,7 +73,7 @@ class ViTVQTokenizer(
         self.encoder = Encoder(config)
         self.quantizer = VectorQuantizer(config)
         self.decoder = Decoder(config)
-        mean, std = _MEAN_STD[config.pixel_convention]
+        mean, std = PIXEL_STATS[config.pixel_convention]
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -249,11 +243,9 @@ class ViTVQTokenizer(
             ValueError: `save_directory` is the current working folder or holds it, or is a file.
             TimeoutError: another process held the folder's lock for `vit_vq.saving.LOCK_TIMEOUT_S`.
         """
-        from .saving import save_folder
+        from .saving import save_pretrained
 
-        extra = (model_card_kwargs or {}).get("extra", "")
-        card = hub.model_card(self.config, repo_id=repo_id, extra=extra)
-        save_folder(self, self.config, save_directory, card=card, replace_card=model_card_kwargs is not None)
+        save_pretrained(self, save_directory, repo_id=repo_id, model_card_kwargs=model_card_kwargs)
         if push_to_hub:
             return self.push_to_hub(repo_id or Path(save_directory).name, **push_to_hub_kwargs)
         return None
@@ -281,8 +273,9 @@ class ViTVQTokenizer(
                 `a/b/c`) is always local; see `vit_vq.hub.resolve_model_name`.
             map_location: device for the weights.
             torch_dtype: compute dtype of the encoder and decoder (e.g. `torch.bfloat16`); the
-                codebook stays float32.
+                codebook stays float32. `dtype=` (transformers 5's name) is accepted too.
             strict: must be True: a partial load would silently give a different tokenizer.
+            device_map: refused (a tokenizer is not sharded across devices); use `map_location`.
 
         The safetensors header is checked against `config.json` before anything is allocated
         (see `vit_vq.loading`).
@@ -294,8 +287,17 @@ class ViTVQTokenizer(
                 are corrupted, of a dtype their parameter cannot take, non-finite (as stored, in
                 float32, or in `torch_dtype`) or do not match the config, or a non-float `torch_dtype`.
         """
-        from . import loading
+        from .loading import load_pretrained
 
+        if "dtype" in kwargs:  # transformers 5's name for torch_dtype
+            if torch_dtype is not None:
+                raise TypeError("give torch_dtype or dtype (its transformers 5 name), not both")
+            torch_dtype = kwargs.pop("dtype")
+        if "device_map" in kwargs:
+            raise TypeError(
+                "device_map is not supported: a vit_vq tokenizer is small enough for one device and is not sharded; "
+                "pass map_location='cuda:0' (or .to(device) after loading)"
+            )
         if kwargs:
             raise TypeError(f"unexpected arguments for ViTVQTokenizer.from_pretrained: {sorted(kwargs)}")
         if strict is not True:
@@ -303,24 +305,10 @@ class ViTVQTokenizer(
                 "strict=False is not supported: a partial load would silently give a different tokenizer "
                 "(other codes for the same image); fix the checkpoint or its config.json instead"
             )
-        if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
-            raise ValueError(f"torch_dtype must be a floating torch.dtype such as torch.bfloat16, got {torch_dtype!r}")
-        cfg_path, weights_path = hub.resolve_files(
-            pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
-            local_files_only=local_files_only, token=token, force_download=force_download,
+        return load_pretrained(
+            cls, pretrained_model_name_or_path, map_location=map_location, torch_dtype=torch_dtype, revision=revision,
+            cache_dir=cache_dir, local_files_only=local_files_only, token=token, force_download=force_download,
         )
-        config = loading.read_config(cfg_path)
-        loading.check_header(cls, config, loading.read_header(weights_path), weights_path)
-        state = loading.read_weights(weights_path)
-        model = cls(config)
-        loading.load_state_strict(model, state, weights_path)
-        model = model.to(map_location).eval()
-        if torch_dtype is not None:
-            model.encoder.to(torch_dtype)
-            model.decoder.to(torch_dtype)
-            cast = {f"{part}.{k}": v for part in ("encoder", "decoder") for k, v in getattr(model, part).state_dict().items()}
-            loading.check_finite(cast, weights_path, f" once cast to torch_dtype={torch_dtype} (values beyond its range)")
-        return model
 
     @classmethod
     def default(cls, map_location: str | torch.device = "cpu") -> ViTVQTokenizer:
@@ -331,7 +319,7 @@ class ViTVQTokenizer(
         Raises:
             FileNotFoundError: the package was installed without its assets.
         """
-        return cls.from_pretrained("vit_vq:default", map_location=map_location)
+        return cls.from_pretrained(DEFAULT_MODEL, map_location=map_location)
 
     @classmethod
     def from_vit(cls, vit_name_or_path: str, config: ViTVQConfig | None = None, **hf_kwargs: Any) -> ViTVQTokenizer:

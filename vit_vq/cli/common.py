@@ -20,11 +20,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..pipeline.runtime import ModelInfo, load_tokenizer, prepare_for_inference
 from ..pipeline.sources import RESIZE_MODES, FileImages, ModelSizedImages, collate_sized, resize_notice
+from ..registry import DEFAULT_MODEL
 from ..tokenizer import ViTVQTokenizer
 from .main import CLIError
 
 HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[\w.-]+)?")
-DEFAULT_MODEL = "vit_vq:default"  # the tokenizer bundled with the package (no download)
 MODEL_HELP = (f"Hub id, local folder, or {DEFAULT_MODEL} (the bundled tokenizer, used when --model is left out); "
               "vit_vq:default-v1 is the bundled default of vit_vq 0.1")
 
@@ -214,7 +214,7 @@ def save_png(image: torch.Tensor, path: str | Path, *, overwrite: bool = True) -
     """
     from PIL import Image
 
-    from ..pipeline.codes import atomic_write
+    from ..files import atomic_write
 
     path = Path(path)
     refuse_existing([path], overwrite)

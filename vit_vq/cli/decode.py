@@ -14,9 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..default_model import bundled_hint, bundled_name_for
-from ..hub import BUNDLED_NAMES, NAME_PREFIX
 from ..pipeline.codes import CodesFile, load_codes
+from ..registry import bundled_hint, bundled_name_for_id
 from .common import (
     add_model_args,
     add_overwrite_arg,
@@ -30,8 +29,6 @@ from .common import (
 from .main import CLIError
 
 UNNAMED_MODELS = ("<in-memory>",)  # recorded when codes came from a tokenizer object, not a name
-OLD_DEFAULT_ID = "default"  # what vit_vq 0.1 recorded for its bundled model, now `vit_vq:default-v1`
-OLD_DEFAULT_MODEL = "vit_vq:default-v1"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -44,6 +41,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model-from-codes", action="store_true",
         help="decode with the model id and revision recorded in the codes file (may download it) instead of --model",
+    )
+    p.add_argument(
+        "--no-weights-check", action="store_true",
+        help="decode a codes file that records no decoder_hash (so the decoder weights cannot be checked); "
+             "only for files you trust to match --model",
     )
     add_overwrite_arg(p)
     add_model_args(p)
@@ -59,12 +61,8 @@ def recorded_model(codes: CodesFile, path: str) -> str:
     name = codes.model.model_id
     if name in UNNAMED_MODELS:
         raise CLIError(f"{path} records no loadable model (made by a tokenizer object in Python); pass --model")
-    if name == OLD_DEFAULT_ID:
-        return OLD_DEFAULT_MODEL
-    if name.startswith(NAME_PREFIX) and name[len(NAME_PREFIX):] in BUNDLED_NAMES:
-        # a bundled name: the default it meant may since have been replaced by another
-        return bundled_name_for(codes.model.config_hash, codes.model.decoder_hash) or name
-    return name
+    # a bundled name (or 0.1's `default`): the default it meant may since have been replaced by another
+    return bundled_name_for_id(name, codes.model.config_hash, codes.model.decoder_hash) or name
 
 
 def printable(name: str) -> str:
@@ -76,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
     if args.model_from_codes and args.model is not None:
         raise CLIError("give either --model or --model-from-codes, not both")
     codes = load_codes(args.codes)
+    if codes.format_version >= 2 and not codes.weights_checkable and not args.no_weights_check:
+        raise CLIError(
+            f"{args.codes} records no decoder_hash (codes format {codes.format_version} always does), so the decoder "
+            "weights cannot be checked against the model that made the codes; a fine-tune with the same config would "
+            "decode them into other images without a word. Pass --no-weights-check to decode it anyway"
+        )
     out = Path(args.output).expanduser()
     if out.exists() and not out.is_dir():
         raise CLIError(f"-o {args.output} is a file; name a folder for the decoded images")
@@ -98,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             f"but {printable(info.model_id)} here has config hash {info.config_hash}; decode with the model that "
             f"encoded them ({how}){bundled_hint(codes.model.config_hash, codes.model.decoder_hash, info.model_id)}"
         )
-    if codes.model.decoder_hash and info.decoder_hash != codes.model.decoder_hash:
+    if codes.weights_checkable and info.decoder_hash != codes.model.decoder_hash:
         raise CLIError(
             f"{args.codes} was made with decoder weights {printable(codes.model.decoder_hash)}, but {info.model_id} has "
             f"decoder weights {info.decoder_hash}: the weights changed since encoding; decode with the model that "

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..data import open_image_source
+from ..files import atomic_write_json
 from ..metrics import (
     CodebookUsage,
     FeatureStatistics,
@@ -35,7 +36,6 @@ from ..metrics import (
     psnr,
     ssim,
 )
-from ..pipeline.codes import atomic_write_json
 from ..pipeline.runtime import synchronize
 from ..pipeline.sources import ModelSizedImages, resize_notice
 from .common import (

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import logging
 import pickle
+import re
 import sys
 import traceback
 import typing
@@ -49,12 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The library states which bundled model some codes match; the command line adds the flag that picks it.
+BUNDLED_MATCH = re.compile(r"they match the bundled (vit_vq:[\w.-]+)")
+
+
 def one_line(err: BaseException) -> str:
     """The error as one line: its last line when it carries a traceback (DataLoader workers), capped in length."""
     text = str(err).strip() or type(err).__name__
     if "Traceback (most recent call last)" in text:
         text = [line for line in text.splitlines() if line.strip()][-1]
-    text = " ".join(text.split())
+    text = BUNDLED_MATCH.sub(r"\g<0>: --model \1", " ".join(text.split()))
     return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
 
 

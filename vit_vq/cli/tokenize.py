@@ -14,8 +14,9 @@ import sys
 from ..pipeline.runtime import pick_device
 from ..pipeline.shards import SHARD_FORMATS
 from ..pipeline.sources import resize_notice
-from ..pipeline.tokenize import TokenizeOptions, distributed, tokenize_dataset
+from ..pipeline.tokenize import CONFLICT_ADVICE, TokenizeOptions, distributed, tokenize_dataset
 from .common import add_model_args, add_resize_arg, positive_int, setup_model
+from .main import CLIError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -48,7 +49,10 @@ def run(args: argparse.Namespace) -> int:
     )
     with distributed(pick_device(args.device)) as (rank, world):
         tok, info = setup_model(args)
-        result = tokenize_dataset(tok, info, opts, rank=rank, world_size=world, progress=not args.no_progress)
+        try:
+            result = tokenize_dataset(tok, info, opts, rank=rank, world_size=world, progress=not args.no_progress)
+        except FileExistsError as err:
+            raise CLIError(str(err).replace(CONFLICT_ADVICE, "; use a new --out, or --overwrite to replace them")) from err
     if result.manifest is None:
         return 0
     m = result.manifest

@@ -9,10 +9,10 @@
 - `sources`: image sources at the model's resolution (resize policy).
 """
 
+from ..files import FolderInUseError
 from .codes import CodesFile, load_codes, save_codes, smallest_uint_dtype
 from .manifest import iter_shards, load_manifest, verify_shards
 from .mapper import TokenizeBatch
-from .outdir import FolderInUseError
 from .runtime import ModelInfo, prepare_for_inference
 from .tokenize import TokenizeOptions, TokenizeResult, tokenize_dataset
 

@@ -1,4 +1,4 @@
-"""The codes file written by `vit-vq encode` and read by `vit-vq decode`, and atomic file writes.
+"""The codes file written by `vit-vq encode` and read by `vit-vq decode`.
 
 A codes file is one safetensors file with one tensor, `codes` `[N, h, w]` in the smallest
 unsigned dtype that holds `codebook_size - 1`, and string metadata (JSON values):
@@ -17,10 +17,8 @@ so it cannot be compared with today's and is dropped (`None`) with a warning.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,11 +28,39 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..hub import current_umask
+from .. import json_fields
+from ..config import MAX_SIZES
+from ..files import atomic_write
 from .runtime import ModelInfo
 
 CODES_FORMAT = "vit_vq.codes"
 CODES_FORMAT_VERSION = 2  # 2: decoder_hash taken before the precision cast
+
+
+MAX_FIELD_CHARS = 4096  # a model id, revision, hash or one image name
+MAX_IMAGES = 1 << 24
+MAX_NAMES_CHARS = 1 << 28  # the JSON list of every image name
+NULLABLE = ("revision", "decoder_hash")  # the other ModelInfo fields are strings
+
+
+def _field(meta: dict[str, str], key: str, source: str, check: Callable[..., Any]) -> Any:
+    """Metadata value `key` (a string, as safetensors stores it) through `check(value, source=, key=)`.
+
+    Raises:
+        ValueError: the key is missing, or `check` refuses it; names the file and the key.
+    """
+    if key not in meta:
+        raise ValueError(f"{source}: codes metadata has no {key!r}; it is not a complete vit_vq codes file")
+    return check(meta[key], source=f"{source}: codes metadata field", key=key)
+
+
+def _json(meta: dict[str, str], key: str, source: str, max_chars: int, check: Callable[..., Any]) -> Any:
+    """Metadata value `key` parsed as JSON (`json_fields.parse`), then through `check(value, source=, key=)`."""
+
+    def parse_then_check(text: str, *, source: str, key: str) -> Any:
+        return check(json_fields.parse(text, source=source, key=key, max_chars=max_chars), source=source, key=key)
+
+    return _field(meta, key, source, parse_then_check)
 
 
 def smallest_uint_dtype(codebook_size: int) -> np.dtype:
@@ -50,44 +76,6 @@ def to_storage(codes: torch.Tensor, codebook_size: int) -> np.ndarray:
     return np.ascontiguousarray(codes.detach().cpu().numpy().astype(smallest_uint_dtype(codebook_size)))
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_path)` for a temporary file beside `path`, fsync it, then `os.replace` it in.
-
-    A reader never sees a half-written `path`; a crash leaves at most a hidden temporary file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp (and safetensors) create 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-
-def atomic_write_json(path: str | Path, data: Any) -> Path:
-    """Write `data` as indented JSON, atomically."""
-    text = json.dumps(data, indent=2) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
 @dataclass
 class CodesFile:
     """A loaded codes file: int64 `codes` `[N, h, w]`, one name per image, and the producer."""
@@ -98,6 +86,12 @@ class CodesFile:
     image_size: int
     model: ModelInfo
     vit_vq_version: str
+    format_version: int = CODES_FORMAT_VERSION
+
+    @property
+    def weights_checkable(self) -> bool:
+        """Whether the file records the decoder weights that made it (format 1's hash cannot be compared)."""
+        return bool(self.model.decoder_hash)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -159,21 +153,22 @@ def load_codes(path: str | Path) -> CodesFile:
         raise ValueError(f"{path} is not a readable safetensors codes file: {err}") from err
     if meta.get("format") != CODES_FORMAT:
         raise ValueError(f"{path} is a safetensors file but not a vit_vq codes file (metadata format={meta.get('format')!r})")
-    text = meta.get("format_version", "")
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise ValueError(f"{path}: codes metadata format_version must be a whole number >= 1, got {text!r}")
-    version = int(text)
+    source = str(path)
+    version = _field(meta, "format_version", source, functools.partial(json_fields.integer_text, low=1, high=1 << 30))
     if version > CODES_FORMAT_VERSION:
         raise ValueError(f"{path} uses codes format {version}; this vit_vq reads up to {CODES_FORMAT_VERSION}: upgrade vit_vq")
-    try:
-        names = json.loads(meta["names"])
-        fields = {k: json.loads(meta[k]) for k in ModelInfo.__dataclass_fields__ if k in meta or k != "decoder_hash"}
-        codebook_size, image_size = int(meta["codebook_size"]), int(meta["image_size"])
-    except (KeyError, ValueError) as err:
-        raise ValueError(f"{path}: codes metadata is missing or malformed ({err})") from err
-    for key, value in fields.items():  # every ModelInfo field is a string; revision and decoder_hash may be null
-        if not (isinstance(value, str) or (value is None and key in ("revision", "decoder_hash"))):
-            raise ValueError(f"{path}: codes metadata field {key!r} must be a string, got {type(value).__name__} {value!r:.80}")
+    names = _json(meta, "names", source, MAX_NAMES_CHARS,
+                  functools.partial(json_fields.string_list, max_items=MAX_IMAGES, max_chars=MAX_FIELD_CHARS))
+    sizes = {
+        key: _field(meta, key, source, functools.partial(json_fields.integer_text, low=1, high=MAX_SIZES[key]))
+        for key in ("codebook_size", "image_size")
+    }
+    fields = {
+        key: _json(meta, key, source, MAX_FIELD_CHARS,
+                   functools.partial(json_fields.string, max_chars=MAX_FIELD_CHARS, nullable=key in NULLABLE))
+        for key in ModelInfo.__dataclass_fields__
+        if key in meta or key != "decoder_hash"  # format 1 may lack it
+    }
     if version < 2 and fields.get("decoder_hash"):
         warnings.warn(
             f"{path} was written by an older vit_vq (codes format {version}) whose decoder_hash depends on the "
@@ -185,13 +180,23 @@ def load_codes(path: str | Path) -> CodesFile:
         raise ValueError(f"{path}: codes must be stored as integers, got dtype {array.dtype}")
     if array.ndim != 3 or array.shape[0] != len(names):
         raise ValueError(f"{path}: codes of shape {array.shape} do not match {len(names)} names")
+    if "grid" in meta:
+        grid = _json(meta, "grid", source, MAX_FIELD_CHARS, lambda v, **kw: v)
+        if grid != list(array.shape[1:]):
+            raise ValueError(f"{path}: metadata 'grid' is {json_fields.shown(grid)} but the codes are {list(array.shape[1:])}")
+    if array.size and (int(array.min()) < 0 or int(array.max()) >= sizes["codebook_size"]):
+        raise ValueError(
+            f"{path}: codes must lie in [0, {sizes['codebook_size']}) (metadata 'codebook_size'), "
+            f"got values in [{int(array.min())}, {int(array.max())}]"
+        )
     return CodesFile(
         codes=torch.from_numpy(array.astype(np.int64)),
         names=names,
-        codebook_size=codebook_size,
-        image_size=image_size,
+        codebook_size=sizes["codebook_size"],
+        image_size=sizes["image_size"],
         model=ModelInfo(**fields),
         vit_vq_version=meta.get("vit_vq_version", "unknown"),
+        format_version=version,
     )
 
 
@@ -201,7 +206,4 @@ __all__ = [
     "load_codes",
     "smallest_uint_dtype",
     "to_storage",
-    "sha256_file",
-    "atomic_write",
-    "atomic_write_json",
 ]

@@ -30,7 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .codes import atomic_write_json, sha256_file
+from ..files import atomic_write_json
+from ..fingerprint import sha256_file
 from .runtime import ModelInfo
 from .shards import read_shard
 

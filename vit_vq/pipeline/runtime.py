@@ -7,8 +7,6 @@ codes are never decoded by a tokenizer they were not made with.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -17,10 +15,11 @@ from typing import Any, Literal
 
 import torch
 
-from ..loading import check_regular_file
+from ..files import NotRegularFileError
+from ..fingerprint import decoder_hash, model_files_fingerprint
 from ..tokenizer import ViTVQTokenizer
 
-Precision = Literal["fp32", "bf16", "fp16"]
+ComputeDtype = Literal["fp32", "bf16", "fp16"]  # the encoder/decoder dtype (the lookup's precision is ops.LookupPrecision)
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOOKUP_PRECISION = "exact"  # what ViTVQTokenizer.encode asks nearest_code for
@@ -91,13 +90,13 @@ def pick_device(device: str = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise ValueError(f"device {device!r} is not a device name; expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        raise ValueError(f"device {device!r} asks for CUDA, which is not available on this machine; use cpu")
     return dev
 
 
-def pick_precision(precision: str, device: torch.device) -> Precision:
+def pick_precision(precision: str, device: torch.device) -> ComputeDtype:
     """`auto` -> `bf16` on CUDA, `fp32` elsewhere.
 
     Raises:
@@ -120,7 +119,7 @@ def lookup_backend(device: torch.device) -> str:
         return os.environ.get("VIT_VQ_BACKEND") or "auto"
 
 
-def cast_for_inference(tok: ViTVQTokenizer, precision: Precision) -> ViTVQTokenizer:
+def cast_for_inference(tok: ViTVQTokenizer, precision: ComputeDtype) -> ViTVQTokenizer:
     """Cast the encoder and decoder to `precision`; the quantizer's codebook stays float32.
 
     Casting the whole module would round the codebook to bf16 and change the codes.
@@ -159,32 +158,12 @@ def prepare_for_inference(
     return tok, info
 
 
-def decoder_hash(tok: ViTVQTokenizer) -> str:
-    """sha256 (16 hex chars) of the weights that turn codes into pixels, in a canonical form.
-
-    Covers `quantizer.embed` (the stored codebook) and every `decoder.*` tensor: for each, in
-    name order, its name, its shape and its values as little-endian float32 bytes. The hash
-    does not depend on the device, and float32 holds every fp16/bf16 value exactly, so weights
-    stored in fp16 and loaded into float32 hash the same as when loaded in fp16. Take it
-    before casting to a lower compute precision (`prepare_for_inference` does): a bf16 copy of
-    float32 weights holds other numbers.
-    """
-    state = {"quantizer.embed": tok.quantizer.embed, **{f"decoder.{k}": v for k, v in tok.decoder.state_dict().items()}}
-    digest = hashlib.sha256()
-    for name, tensor in sorted(state.items()):
-        values = tensor.detach().cpu()
-        array = (values.float() if values.is_floating_point() else values).contiguous().numpy()
-        digest.update(f"{name}:{array.shape}:{array.dtype.name}\0".encode())
-        digest.update(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
-    return digest.hexdigest()[:16]
-
-
 def weights_fingerprint(name: str, revision: str | None = None) -> str | None:
-    """sha256 (16 hex) of a model's `config.json` and `model.safetensors` bytes as stored.
+    """sha256 (16 hex) of a model's `config.json` and `model.safetensors` bytes as stored
+    (`fingerprint.model_files_fingerprint`).
 
     For `vit_vq:default`, a folder, or a Hub id already in the local cache (no download);
-    None when the files cannot be found locally. Files are re-hashed only when their size,
-    modification or change time or inode change.
+    None when the files cannot be found locally.
 
     Raises:
         ValueError: a model file (links followed) that is not a regular file, such as a FIFO
@@ -194,26 +173,14 @@ def weights_fingerprint(name: str, revision: str | None = None) -> str | None:
 
     try:
         files = hub.resolve_files(name, revision=revision, local_files_only=True)
-        stats = [(f, os.stat(f)) for f in files]
+        for f in files:
+            os.stat(f)
     except Exception:  # not local (yet): a fingerprint without the weights, as before loading
         return None
-    digest = hashlib.sha256()
-    for f, st in stats:
-        digest.update(_file_sha256(str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino).encode())
-    return digest.hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=64)
-def _file_sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
-    """sha256 of `path`, checked first to be a regular file (the other arguments key the cache).
-
-    Raises:
-        ValueError: `path` (links followed) is a FIFO, a device, ...: reading it would never end.
-    """
-    from .codes import sha256_file  # codes imports this module
-
-    check_regular_file(Path(path))
-    return sha256_file(path)
+    try:
+        return model_files_fingerprint(files)
+    except NotRegularFileError as err:
+        raise ValueError(f"{err.path} is {err.kind}; vit_vq reads tokenizer files only from regular files") from None
 
 
 def synchronize(device: torch.device) -> None:
@@ -224,7 +191,7 @@ def synchronize(device: torch.device) -> None:
 
 __all__ = [
     "ModelInfo",
-    "Precision",
+    "ComputeDtype",
     "DTYPES",
     "load_tokenizer",
     "resolve_revision",

@@ -28,7 +28,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .codes import atomic_write, atomic_write_json, sha256_file
+from ..files import atomic_write, atomic_write_json
+from ..fingerprint import sha256_file
+from ..registry import bundled_hint
 
 ShardFormat = Literal["safetensors", "npy"]
 SHARD_FORMATS = ("safetensors", "npy")
@@ -165,8 +167,6 @@ def is_complete(
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:3])
         hint = ""
         if (old.get("config_hash"), old.get("decoder_hash")) != (new.get("config_hash"), new.get("decoder_hash")):
-            from ..default_model import bundled_hint  # imported late: it imports the tokenizer
-
             hint = bundled_hint(old.get("config_hash"), old.get("decoder_hash"), new.get("model_id"))
         return None, f"{path.name} was made by a different run ({detail}){hint}"
     if (record.get("start"), record.get("stop")) != (spec.start, spec.stop) or record.get("inputs") != inputs:

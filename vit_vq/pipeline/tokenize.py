@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -34,10 +33,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from ..data import open_image_source
+from ..files import FolderInUseError, FolderLock, read_json_file
+from ..fingerprint import files_stat_fingerprint, inputs_fingerprint, text_digest
 from ..tokenizer import ViTVQTokenizer
 from .codes import smallest_uint_dtype, to_storage
 from .manifest import MANIFEST_NAME, build_manifest, write_manifest
-from .outdir import FolderInUseError, FolderLock, exclude_folder, read_json_file, remove_stale_shards
+from .outdir import exclude_folder, remove_stale_shards, tokenize_lock
 from .runtime import ModelInfo
 from .shards import ShardFormat, ShardSpec, data_files, is_complete, plan_shards, record_path, shards_for_rank, write_shard
 from .sources import ModelSizedImages, ResizeMode, collate_sized
@@ -118,39 +119,28 @@ def _gather(obj: Any, world: int) -> list[Any]:
     return out
 
 
+CONFLICT_ADVICE = "; write to another folder, or let this run replace them (TokenizeOptions.overwrite)"
+
+
 def _inputs_digest(source: Any) -> str:
     """sha256 (16 hex) of which inputs sit at which position: file paths, or a dataset's fingerprint.
 
     A resumed run whose inputs were added, removed or renamed then no longer matches its
     shards, instead of reusing shards that cover other images.
     """
-    digest = hashlib.sha256()
     if hasattr(source, "files"):
-        for f in source.files:
-            digest.update(os.fsencode(f) + b"\0")  # any name the OS allows, UTF-8 or not
-    else:
-        digest.update(str(getattr(source.ds, "_fingerprint", len(source))).encode())
-    return digest.hexdigest()[:16]
+        return inputs_fingerprint(source.files)
+    return text_digest(str(getattr(source.ds, "_fingerprint", len(source))))
 
 
 def _shard_inputs(source: Any, spec: ShardSpec) -> str | None:
-    """sha256 (16 hex) of the size, modification and change times and inode of shard `spec`'s input files.
+    """Whether shard `spec`'s input files were replaced since (`fingerprint.files_stat_fingerprint`).
 
-    An image replaced under the same name changes it, so a resume re-codes that shard, even
-    when the replacement kept the size and the modification time (`cp -p`, `rsync -t`,
-    `os.utime`): writing a file or swapping it in sets its change time, which no user call
-    can set back. A `datasets` input needs none (None): its fingerprint (in the run) covers the content.
+    A `datasets` input needs none (None): its fingerprint (in the run) covers the content.
     """
     if not hasattr(source, "files"):
         return None
-    digest = hashlib.sha256()
-    for f in source.files[spec.start : spec.stop]:
-        try:
-            st = os.stat(f)
-            digest.update(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\0".encode())
-        except OSError as err:
-            digest.update(f"unreadable:{err.errno}\0".encode())
-    return digest.hexdigest()[:16]
+    return files_stat_fingerprint(source.files[spec.start : spec.stop])
 
 
 def _run_fingerprint(opts: TokenizeOptions, info: ModelInfo, source: Any) -> dict[str, Any]:
@@ -170,7 +160,7 @@ def _run_fingerprint(opts: TokenizeOptions, info: ModelInfo, source: Any) -> dic
 
 
 def _digest(run: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
+    return text_digest(json.dumps(run, sort_keys=True))
 
 
 def _open_source(opts: TokenizeOptions, out: Path) -> Any:
@@ -191,7 +181,7 @@ def _locked(out: Path, rank: int, world_size: int) -> Iterator[tuple[FolderLock 
         FolderInUseError: another run holds the folder. ValueError: the lock file is a link or
             not a regular file. OSError: the lock file cannot be opened.
     """
-    lock, error = (FolderLock(out), None) if rank == 0 else (None, None)
+    lock, error = (tokenize_lock(out), None) if rank == 0 else (None, None)
     if lock is not None:
         try:
             lock.acquire()
@@ -274,7 +264,7 @@ def tokenize_dataset(
             raise FileExistsError(
                 f"{out} holds files this run did not write: {all_conflicts[0]}"
                 + (f" (and {len(all_conflicts) - 1} more)" if len(all_conflicts) > 1 else "")
-                + "; use a new --out, or --overwrite to replace them"
+                + CONFLICT_ADVICE
             )
         if lock is not None:
             if opts.overwrite:
@@ -401,4 +391,7 @@ def _code_and_collect(
     return result
 
 
-__all__ = ["TokenizeOptions", "TokenizeResult", "tokenize_dataset", "distributed", "BARRIER_TIMEOUT", "FolderInUseError"]
+__all__ = [
+    "TokenizeOptions", "TokenizeResult", "tokenize_dataset", "distributed", "BARRIER_TIMEOUT", "FolderInUseError",
+    "CONFLICT_ADVICE",
+]
