@@ -132,3 +132,22 @@ def test_init_vit_vq_default_fine_tunes_the_bundled_model(tmp_path, train_photo_
         theirs = getattr(base, part).state_dict()
         for key, value in getattr(tuned, part).state_dict().items():
             torch.testing.assert_close(value, theirs[key], atol=1e-6, rtol=0, msg=f"{part}.{key}")
+
+
+def test_the_default_recipe_is_one_flag_beneath_the_file_and_the_flags(tmp_path):
+    from vit_vq.training.config import RECIPES
+
+    recipe = RECIPES["default"]
+    assert recipe["crop_scales"] == "log_uniform" and recipe["whole_prob"] == 0.25
+    cfg = parse("--preset", "tiny", "--recipe", "default")
+    assert {k: getattr(cfg, k) for k in recipe} == recipe
+    assert cfg == TrainConfig.from_recipe("default", preset="tiny")
+    cfg = parse("--preset", "tiny", "--recipe", "default", "--whole-prob", "0", "--lr", "1e-3")  # flags win
+    assert (cfg.whole_prob, cfg.lr, cfg.crop_scales) == (0.0, 1e-3, "log_uniform")
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny\nwhole_prob: 0.5\n")
+    assert parse("--config", str(path), "--recipe", "default").whole_prob == 0.5  # the file wins over the recipe
+    path.write_text("preset: tiny\nrecipe: default\n")
+    assert parse("--config", str(path)).crop_scales == "log_uniform"  # or names it
+    with pytest.raises(ValueError, match=r"unknown recipe 'fast'; known recipes: \['default'\]"):
+        TrainConfig.from_recipe("fast")

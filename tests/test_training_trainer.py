@@ -233,3 +233,76 @@ def test_reconstruction_grids_and_tensorboard_scalars_are_written(tmp_path, trai
     assert {"loss", "l2", "usage", "perplexity", "dead_codes", "lr", "grad_norm"} <= set(tags["scalars"])
     assert "reconstructions" in tags["images"]
     assert pushed == ["me/my-tokenizer"]
+
+
+def test_every_run_ends_with_a_sample_of_the_exported_model_and_logs_every_n_steps(tmp_path, train_photo_dir, caplog):
+    """No `image_every` step is reached (0), yet the run ends with a grid; the log has one line per `log_every`
+    steps (none per epoch: 12 images in batches of 4 make 3 epochs), and the default warmup (1 of 10 steps)
+    lets the learning rate reach its peak at once."""
+    import numpy as np
+    from PIL import Image
+
+    caplog.set_level(logging.INFO, logger="vit_vq")
+    cfg = make_config(tmp_path, train_photo_dir, max_steps=10, log_every=5, warmup_steps=None, num_log_images=3)
+    assert cfg.warmup == 1
+    trainer = Trainer(cfg)
+    result = trainer.train()
+    assert result.sample == tmp_path / "run" / "samples" / "step-0000010.png"
+    with Image.open(result.sample) as im:
+        grid = np.asarray(im.convert("RGB"))  # (2 rows, 3 columns) of 32 px images, 2 px padding
+    assert grid.shape == (2 * 34 + 2, 3 * 34 + 2, 3)
+    exported = ViTVQTokenizer.from_pretrained(result.export_dir).eval()
+    with torch.no_grad():
+        recon = exported(trainer.preview).reconstruction.clamp(0, 1)  # (3, 3, 32, 32)
+    for i in range(3):
+        tile = grid[36:68, 2 + 34 * i : 34 + 34 * i].astype(int)  # bottom row: reconstructions
+        ours = (recon[i].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy().astype(int)
+        assert np.abs(tile - ours).max() <= 1
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("vit_vq")]
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [s.split(" |")[0] for s in steps] == ["step 5/10", "step 10/10"], lines
+    assert not [line for line in lines if "epoch" in line], lines
+    assert any(str(result.sample) in line and "PSNR" in line for line in lines), lines
+    assert result.history[0]["lr"] > 0.8 * cfg.lr  # averaged over steps 1-5: past the warmup, near the peak
+
+
+def test_warmup_and_workers_defaults_follow_the_run_and_the_machine(monkeypatch):
+    import os
+    import warnings
+
+    assert [TrainConfig(max_steps=n).warmup for n in (5, 200, 2000, 100_000)] == [0, 20, 200, 500]
+    assert TrainConfig(max_steps=200, warmup_steps=7).warmup == 7
+    with pytest.warns(UserWarning, match=r"warmup_steps=200 >= max_steps=200: the learning rate never reaches its peak"):
+        TrainConfig(max_steps=200, warmup_steps=200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainConfig(max_steps=200, warmup_steps=199)
+    for cpus, expected in ((1, 1), (2, 2), (16, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        assert TrainConfig().workers == expected
+    assert TrainConfig(num_workers=0).workers == 0 and TrainConfig(num_workers=8).workers == 8
+
+
+def test_ddp_gets_no_deprecated_buffer_argument():
+    """One gloo process: wrapping a model with buffers as the Trainer does raises no FutureWarning, and the
+    buffers are not synced on forward (a rank's change survives a forward)."""
+    import tempfile
+    import warnings
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from vit_vq.training.trainer import ddp_kwargs
+
+    model = torch.nn.BatchNorm1d(3)  # running statistics are buffers
+    with tempfile.NamedTemporaryFile() as f:
+        dist.init_process_group("gloo", init_method=f"file://{f.name}", rank=0, world_size=1)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                ddp = DistributedDataParallel(model, **ddp_kwargs().to_kwargs())
+            sync = getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", None))
+            assert sync is False
+            ddp(torch.randn(4, 3))
+        finally:
+            dist.destroy_process_group()

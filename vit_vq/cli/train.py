@@ -26,7 +26,7 @@ NONE_WORDS = ("none", "null")
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `train` with all `TrainConfig` flags."""
-    from ..training.config import TrainConfig
+    from ..training.config import RECIPES, TrainConfig
 
     parser = subparsers.add_parser(
         "train",
@@ -35,6 +35,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "Multi-GPU: accelerate launch --multi_gpu --num_processes N -m vit_vq train ... (see docs/training.md).",
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of training settings (any of the flags below)")
+    parser.add_argument(
+        "--recipe", choices=sorted(RECIPES), default=argparse.SUPPRESS,
+        help="named settings, applied beneath --config and the flags: 'default' is how the bundled default model was "
+        "trained (" + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in RECIPES["default"].items()) + ")",
+    )
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         _add_field(parser, f, hints[f.name])
@@ -89,13 +94,15 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from ..training.config import TrainConfig
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if hasattr(args, "recipe"):
+        given["recipe"] = args.recipe
     if "model_overrides" in given:
         given["model_overrides"] = dict(given["model_overrides"])
     if "adam_betas" in given:
         given["adam_betas"] = tuple(given["adam_betas"])
     if args.config:
         return TrainConfig.from_file(args.config, **given)
-    return TrainConfig(**given)
+    return TrainConfig.from_dict({}, **given)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,4 +120,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if result.export_dir is not None:
         print(f"trained to step {result.step}; model exported to {result.export_dir}")
+    if result.sample is not None:
+        print(f"reconstructions (originals above): {result.sample}")
     return 0

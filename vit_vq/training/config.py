@@ -8,6 +8,8 @@ carries its help text in `metadata["help"]`, which the command line shows as is.
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +19,17 @@ from ..config import PRESETS
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 DataFormat = Literal["auto", "folder", "hf", "cifar10"]
 CropScales = Literal["fixed", "log_uniform"]
+MAX_DEFAULT_WARMUP = 500  # warmup steps when not set: min(this, max_steps // 10)
+MAX_DEFAULT_WORKERS = 4  # data-loader workers when not set: min(this, CPUs available)
+# Named sets of settings (`--recipe NAME`): applied beneath a config file's values and explicit flags.
+RECIPES: dict[str, dict[str, Any]] = {
+    # How the bundled default tokenizer was trained (examples/train_default.py): views across scales with
+    # a quarter whole photos, pixel MSE only, AdamW without weight decay, cosine to 5% of the peak lr.
+    "default": dict(
+        crop_scales="log_uniform", whole_prob=0.25, lr=6e-4, weight_decay=0.0, min_lr_ratio=0.05,
+        max_grad_norm=1.0, l2_weight=1.0, l1_weight=0.0, perceptual_weight=0.0,
+    ),
+}
 KNOWN_TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 
@@ -60,7 +73,10 @@ class TrainConfig:
     crop_scales: CropScales = _f("fixed", "fixed: crops at image_size * resize_ratio; log_uniform: random-resized crops "
                                  "from native resolution up to the whole short side, resized to image_size")
     whole_prob: float = _f(0.0, "share of views that are the whole photo, center-cropped and resized to image_size")
-    num_workers: int = _f(4, "data loader worker processes per rank (0: load in the main process)")
+    num_workers: int | None = _f(
+        None, f"data loader worker processes per rank (0: load in the main process); default: the CPUs this process may "
+        f"use, at most {MAX_DEFAULT_WORKERS}"
+    )
     # -- optimisation --------------------------------------------------------------------
     output: str = _f("runs/vit-vq", "output folder: checkpoints, logs, samples and the exported model")
     max_steps: int = _f(10000, "optimizer steps to train for (in total, counting resumed steps)")
@@ -70,7 +86,9 @@ class TrainConfig:
     codebook_lr: float | None = _f(None, "learning rate of a learnable (use_ema=False) codebook; default: lr")
     weight_decay: float = _f(1e-4, "AdamW weight decay (not applied to biases, norms, embeddings, codebook)")
     adam_betas: tuple[float, float] = _f((0.9, 0.99), "AdamW betas")
-    warmup_steps: int = _f(500, "linear warmup steps, then cosine decay to min_lr_ratio * lr")
+    warmup_steps: int | None = _f(
+        None, f"linear warmup steps, then cosine decay to min_lr_ratio * lr; default: min({MAX_DEFAULT_WARMUP}, max_steps // 10)"
+    )
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: no clipping; the norm is still logged)")
     mixed_precision: MixedPrecision = _f("auto", "autocast dtype; auto: bf16 on GPUs that support it, else no")
@@ -93,7 +111,7 @@ class TrainConfig:
     adaptive_weight: bool = _f(True, "scale the GAN loss by the ratio of gradient norms at the decoder's last layer")
     # -- logging and checkpoints ---------------------------------------------------------
     log_every: int = _f(50, "log scalars every N steps")
-    image_every: int = _f(500, "log a grid of originals beside reconstructions every N steps (0: never)")
+    image_every: int = _f(500, "save a grid of originals above reconstructions every N steps and at the end (0: only at the end)")
     num_log_images: int = _f(8, "images in the reconstruction grid")
     save_every: int = _f(1000, "write a checkpoint every N steps (and always at the end)")
     keep_checkpoints: int = _f(2, "checkpoints to keep (the newest)")
@@ -127,6 +145,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
         for name in ("num_workers", "warmup_steps", "image_every", "disc_start_step", "seed"):
             value = getattr(self, name)
+            if value is None and name in ("num_workers", "warmup_steps"):
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {value!r}")
         for name in ("l2_weight", "l1_weight", "perceptual_weight", "codebook_weight", "commit_weight",
@@ -155,12 +175,30 @@ class TrainConfig:
             _check_choice("trackers", name, KNOWN_TRACKERS)
         if not self.export_name or Path(self.export_name).name != self.export_name:
             raise ValueError(f"export_name must be a plain folder name, got {self.export_name!r}")
+        if self.warmup_steps is not None and self.warmup_steps >= self.max_steps:
+            warnings.warn(
+                f"warmup_steps={self.warmup_steps} >= max_steps={self.max_steps}: the learning rate never reaches its "
+                f"peak and never decays; leave warmup_steps unset for min({MAX_DEFAULT_WARMUP}, max_steps // 10)",
+                UserWarning, stacklevel=3,
+            )
 
     # -- derived -------------------------------------------------------------------------
     def tracker_list(self) -> list[str]:
         """The trackers as a list (`[]` for 'none')."""
         names = [t.strip() for t in self.trackers.split(",") if t.strip()]
         return [] if names in ([], ["none"]) else names
+
+    @property
+    def warmup(self) -> int:
+        """The warmup steps in effect: `warmup_steps`, or `min(500, max_steps // 10)` when unset."""
+        return self.warmup_steps if self.warmup_steps is not None else min(MAX_DEFAULT_WARMUP, self.max_steps // 10)
+
+    @property
+    def workers(self) -> int:
+        """The data-loader workers in effect: `num_workers`, or the CPUs this process may use (at most 4) when unset."""
+        if self.num_workers is not None:
+            return self.num_workers
+        return min(MAX_DEFAULT_WORKERS, available_cpus())
 
     @property
     def adversarial(self) -> bool:
@@ -176,15 +214,31 @@ class TrainConfig:
     def from_dict(cls, mapping: dict[str, Any], /, **overrides: Any) -> TrainConfig:
         """Build from a mapping (keys may use dashes), then apply `overrides`.
 
+        A `recipe` key (in either) names a set of `RECIPES` settings, applied beneath every other value.
+
         Raises:
-            ValueError: on unknown keys; the message lists the known ones.
+            ValueError: on unknown keys (the message lists the known ones) or an unknown recipe.
         """
         merged = {str(k).replace("-", "_"): v for k, v in {**mapping, **overrides}.items()}
+        recipe = merged.pop("recipe", None)
+        if recipe is not None:
+            if recipe not in RECIPES:
+                raise ValueError(f"unknown recipe {recipe!r}; known recipes: {sorted(RECIPES)}")
+            merged = {**RECIPES[recipe], **merged}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(merged) - known)
         if unknown:
             raise ValueError(f"unknown training settings {unknown}; known settings are {sorted(known)}")
         return cls(**merged)
+
+    @classmethod
+    def from_recipe(cls, name: str, /, **settings: Any) -> TrainConfig:
+        """The `RECIPES[name]` settings, with `settings` on top: `TrainConfig.from_recipe("default", preset="tiny", ...)`.
+
+        Raises:
+            ValueError: an unknown recipe or setting.
+        """
+        return cls.from_dict({"recipe": name}, **settings)
 
     @classmethod
     def from_file(cls, path: str | Path, /, **overrides: Any) -> TrainConfig:
@@ -215,9 +269,16 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else the CPU count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-__all__ = ["TrainConfig", "MixedPrecision", "DataFormat", "KNOWN_TRACKERS"]
+__all__ = ["TrainConfig", "RECIPES", "MixedPrecision", "DataFormat", "KNOWN_TRACKERS", "available_cpus"]

@@ -278,10 +278,10 @@ def build_train_loader(
         batch_size=config.batch_size,
         sampler=sampler,
         drop_last=True,
-        num_workers=config.num_workers,
+        num_workers=config.workers,
         collate_fn=train_collate,
         pin_memory=pin_memory,
-        persistent_workers=config.num_workers > 0,
+        persistent_workers=config.workers > 0,
         generator=torch.Generator().manual_seed(config.seed),  # worker seeds: keeps the global RNG untouched
     )
     return loader, sampler

@@ -1,4 +1,4 @@
-"""What a run reports: scalar averages, reconstruction grids and the per-epoch summary line.
+"""What a run reports: scalar averages, reconstruction grids and the summary line logged every N steps.
 
 Scalars go to accelerate's trackers (TensorBoard by default). Reconstruction grids are saved
 as PNG files under `<output>/samples/` and, for TensorBoard, logged as images.
@@ -7,6 +7,7 @@ as PNG files under `<output>/samples/` and, for TensorBoard, logged as images.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -89,18 +90,24 @@ def log_grid(accelerator: Any, grid: torch.Tensor, step: int) -> None:
                 logger.debug("tracker %s did not take the reconstruction grid: %s", tracker.name, err)
 
 
-def epoch_summary(epoch: int, step: int, images: int, seconds: float, metrics: dict[str, float], skipped: int) -> str:
-    """One line: `epoch 3 | step 1200 | loss 0.0412 | l2 0.0101 | usage 0.91 | perplexity 812.3 | dead 4 | ...`."""
-    parts = [f"epoch {epoch}", f"step {step}"]
+def step_summary(step: int, max_steps: int, images: int, seconds: float, metrics: dict[str, float]) -> str:
+    """One line: `step 1200/2000 | loss 0.0412 | l2 0.0101 | psnr 21.3 | lr 0.0001 | usage 0.910 | ... | 812.3 img/s`.
+
+    `metrics` are the averages since the last line, `images` and `seconds` what that interval took
+    (`psnr` is `10 log10(1 / l2)`, from the mean squared error over the interval).
+    """
+    parts = [f"step {step}/{max_steps}"]
     for key in ("loss", "l2", "l1", "perceptual", "commit", "g_adv", "d_loss"):
         if key in metrics:
             parts.append(f"{key} {metrics[key]:.4g}")
-    for key, fmt in (("usage", "{:.3f}"), ("perplexity", "{:.1f}"), ("dead_codes", "{:.0f}")):
+    if metrics.get("l2", 0) > 0:
+        parts.append(f"psnr {10 * math.log10(1 / metrics['l2']):.2f}")
+    for key, fmt in (("lr", "{:.3g}"), ("usage", "{:.3f}"), ("perplexity", "{:.1f}"), ("dead_codes", "{:.0f}"),
+                     ("skipped", "{:.0f}")):
         if key in metrics:
             parts.append(f"{key} " + fmt.format(metrics[key]))
-    parts.append(f"skipped {skipped}")
     parts.append(f"{images / max(seconds, 1e-9):.1f} img/s")
     return " | ".join(parts)
 
 
-__all__ = ["MetricMeter", "tracker_config", "reconstruction_grid", "save_grid", "log_grid", "epoch_summary"]
+__all__ = ["MetricMeter", "tracker_config", "reconstruction_grid", "save_grid", "log_grid", "step_summary"]

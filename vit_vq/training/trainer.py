@@ -7,12 +7,13 @@ step (when `accelerator.sync_gradients`): a NaN/Inf check agreed by all ranks, g
 clipping, AdamW and scheduler steps, then `quantizer.update_codebook()` on every rank, which
 all-reduces the EMA statistics so codebooks stay identical; then the optional weight EMA.
 
-DDP runs with `broadcast_buffers=False`: the quantizer synchronises its own buffers, and a
+DDP does not sync buffers on each forward: the quantizer synchronises its own buffers, and a
 per-forward broadcast would overwrite each rank's accumulated codebook statistics.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -24,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import ViTVQConfig
+from ..metrics import psnr
 from ..tokenizer import ViTVQTokenizer
 from .checkpoint import EMA_NAME, TrainerState, list_checkpoints, load_checkpoint, remove_stale_temporaries, resolve_resume
 from .checkpoint import save_checkpoint as _save_checkpoint
@@ -32,7 +34,7 @@ from .data import build_train_loader, open_training_source, preview_images
 from .discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from .losses import PerceptualLoss, build_perceptual_loss, pixel_losses
 from .model_ema import ModelEMA
-from .tracking import MetricMeter, epoch_summary, log_grid, reconstruction_grid, save_grid, tracker_config
+from .tracking import MetricMeter, log_grid, reconstruction_grid, save_grid, step_summary, tracker_config
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +45,14 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """What `Trainer.train` leaves behind: the final step, checkpoint, exported folder and logged scalars."""
+    """What `Trainer.train` leaves behind: the final step, checkpoint, exported folder, logged scalars and
+    the last reconstruction grid (`<output>/samples/step-N.png`; None on other ranks than the main one)."""
 
     step: int
     checkpoint: Path | None
     export_dir: Path | None
     history: list[dict[str, float]] = field(default_factory=list)
+    sample: Path | None = None
 
 
 def build_model(config: TrainConfig) -> ViTVQTokenizer:
@@ -78,6 +82,29 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Any:
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def ddp_kwargs() -> Any:
+    """accelerate's DDP settings for the Trainer: no buffer sync on forward (the quantizer syncs its own).
+
+    torch 2.13 renamed DDP's `broadcast_buffers` to `forward_sync_buffers` and warns (FutureWarning, once
+    per rank) when the old name is passed; accelerate (1.16) only knows the old name, so on such a torch
+    the new one is passed through a subclass of its kwargs handler (set as `Accelerator.ddp_handler`,
+    which `prepare` reads). Unlike `broadcast_buffers=False`, it
+    still syncs buffers once when DDP wraps the model, which is harmless here: every rank builds the
+    same weights and codebook from the same seed, and resumed per-rank state is loaded after wrapping.
+    """
+    from accelerate import DistributedDataParallelKwargs
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" not in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return DistributedDataParallelKwargs(broadcast_buffers=False)
+
+    @dataclass
+    class ForwardSyncKwargs(DistributedDataParallelKwargs):
+        forward_sync_buffers: bool | None = None
+
+    return ForwardSyncKwargs(forward_sync_buffers=False)
 
 
 def param_groups(model: ViTVQTokenizer, config: TrainConfig) -> list[dict[str, Any]]:
@@ -121,7 +148,7 @@ class Trainer:
         dataset: Dataset | None = None,
         perceptual: PerceptualLoss | None = None,
     ) -> None:
-        from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate import Accelerator
         from accelerate.utils import DistributedType, GradientAccumulationPlugin, set_seed
 
         self.config = cfg = config
@@ -138,8 +165,8 @@ class Trainer:
             log_with=cfg.tracker_list() or None,
             project_dir=str(self.output),
             step_scheduler_with_optimizer=False,  # we step schedulers once per optimizer step, whatever the world size
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
+        acc.ddp_handler = ddp_kwargs()  # set after init: accelerate's handler lookup takes its own class only
         self._fsdp = acc.distributed_type == DistributedType.FSDP
         if acc.num_processes == 1 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise RuntimeError(
@@ -175,7 +202,7 @@ class Trainer:
         # fused AdamW on GPUs (on CPU, torch's fused kernel is slower than the default foreach one)
         fused = acc.device.type == "cuda" and not self._fsdp and acc.distributed_type != DistributedType.DEEPSPEED
         optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.adam_betas, fused=fused or None)
-        schedule = lr_lambda(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        schedule = lr_lambda(cfg.warmup, cfg.max_steps, cfg.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         if cfg.model_ema_decay > 0 and self._fsdp:
             raise ValueError("model_ema_decay > 0 is not supported under FSDP (the weights are sharded); set it to 0")
@@ -196,11 +223,14 @@ class Trainer:
 
         self.state = TrainerState()
         self.history: list[dict[str, float]] = []
-        self.meter, self.epoch_meter = MetricMeter(), MetricMeter()
+        self.meter = MetricMeter()
+        self._interval_start, self._interval_images = time.perf_counter(), 0
         self._nonfinite = torch.zeros((), device=acc.device)
         self._skipped: set[str] = set()
         self._last_checkpoint: Path | None = None
         self._last_parts: dict[str, torch.Tensor] = {}
+        self._sample: Path | None = None
+        self._sample_step, self._sample_psnr = -1, float("nan")
 
     # -- helpers ---------------------------------------------------------------------------
     def _info(self, msg: str, *args: Any) -> None:
@@ -251,7 +281,6 @@ class Trainer:
             parts.update(loss=total, codebook=out.codebook_loss, commit=out.commit_loss, **out.metrics)
             self._last_parts = {k: v.detach() for k, v in parts.items()}
             self.meter.add(self._last_parts)
-            self.epoch_meter.add(self._last_parts)
             if not acc.sync_gradients:
                 return False
             self._optimizer_step(use_disc)
@@ -341,22 +370,26 @@ class Trainer:
             with logging_redirect_tqdm():
                 while self.state.step < cfg.max_steps:
                     self._run_epoch(bar)
+        if self._sample_step != self.state.step:  # every run ends with a reconstruction grid
+            self._sample = self.log_reconstructions()
+        if self._sample is not None:
+            self._info("%s: the first %d training images (top) and their reconstructions (bottom), PSNR %.2f dB",
+                       self._sample, self.preview.shape[0], self._sample_psnr)
         if self._last_checkpoint is None or not self._last_checkpoint.name.endswith(f"-{self.state.step}"):
             self._save()
         export_dir = self.export()
         acc.end_training()
-        return TrainResult(self.state.step, self._last_checkpoint, export_dir, self.history)
+        return TrainResult(self.state.step, self._last_checkpoint, export_dir, self.history, self._sample)
 
     def _run_epoch(self, bar: Any) -> None:
         acc, cfg, st = self.accelerator, self.config, self.state
         self.loader.set_epoch(st.epoch)
         loader = acc.skip_first_batches(self.loader, st.batch_in_epoch) if st.batch_in_epoch else self.loader
         loader.set_epoch(st.epoch)
-        start, images = time.perf_counter(), 0
         for batch in loader:
             st.batch_in_epoch += 1
             self._note_skipped(batch["skipped"])
-            images += batch["pixels"].shape[0] * acc.num_processes
+            self._interval_images += batch["pixels"].shape[0] * acc.num_processes
             st.samples_seen += batch["pixels"].shape[0] * acc.num_processes
             if not self.train_step(batch["pixels"]):
                 continue
@@ -364,9 +397,6 @@ class Trainer:
             self._after_step(bar)
             if st.step >= cfg.max_steps:
                 return
-        metrics = self.epoch_meter.read(self._reduce_mean)
-        summary = epoch_summary(st.epoch, st.step, images, time.perf_counter() - start, metrics, self._skipped_total())
-        self._info(summary)
         st.epoch += 1
         st.batch_in_epoch = 0
 
@@ -389,8 +419,11 @@ class Trainer:
             self.accelerator.log(values, step=step)
             self.history.append({"step": float(step), **values})
             bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4g}", usage=f"{values.get('usage', 0):.2f}")
+            now = time.perf_counter()
+            self._info(step_summary(step, cfg.max_steps, self._interval_images, now - self._interval_start, values))
+            self._interval_start, self._interval_images = now, 0
         if cfg.image_every and step % cfg.image_every == 0:
-            self.log_reconstructions()
+            self._sample = self.log_reconstructions()
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             self._save()
 
@@ -416,6 +449,8 @@ class Trainer:
         path = self.output / "samples" / f"step-{self.state.step:07d}.png"
         save_grid(grid, path)
         log_grid(acc, grid, self.state.step)
+        self._sample_step = self.state.step
+        self._sample_psnr = float(psnr(recon.float().clamp(0, 1).cpu(), self.preview.float()).mean())
         return path
 
     # -- checkpoints and export ------------------------------------------------------------
@@ -461,10 +496,12 @@ class Trainer:
         losses = ", ".join(f"{k} {v:g}" for k, v in weights.items() if v > 0)
         per_step = cfg.batch_size * cfg.grad_accum_steps * acc.num_processes
         self._info(
-            "model %.1fM parameters, %dx%d px, %d %s codes of dim %d | data %d items | %d process(es) x batch %d x "
-            "accumulation %d = %d images/step | mixed precision %s | losses: %s | output %s",
+            "model %.1fM parameters, %dx%d px, %d %s codes of dim %d | data %d items, %d loader workers | %d process(es) "
+            "x batch %d x accumulation %d = %d images/step | lr %g, warmup %d of %d steps | mixed precision %s | "
+            "losses: %s | output %s",
             n_params / 1e6, mc.image_size, mc.image_size, mc.codebook_size, codebook, mc.codebook_dim, self.num_items,
-            acc.num_processes, cfg.batch_size, cfg.grad_accum_steps, per_step, acc.mixed_precision, losses, self.output,
+            cfg.workers, acc.num_processes, cfg.batch_size, cfg.grad_accum_steps, per_step, cfg.lr, cfg.warmup,
+            cfg.max_steps, acc.mixed_precision, losses, self.output,
         )
 
     def export(self) -> Path | None:
