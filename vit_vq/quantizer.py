@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from torch import nn
 
 from . import distributed
 from .config import DeadCodeRule, QuantizerGradient, ViTVQConfig
-from .ops import codebook_statistics, nearest_code
+from .ops import LookupPrecision, codebook_statistics, nearest_code
 
 RESTART_NOISE = 0.01  # noise on restart copies, relative to the pool's root-mean-square entry
 
@@ -223,7 +223,7 @@ class VectorQuantizer(nn.Module):
         z = z.float()
         return F.normalize(z, dim=-1) if self.config.l2_normalize else z
 
-    def lookup(self, z: torch.Tensor, precision: Literal["exact", "fast"] = "exact") -> torch.Tensor:
+    def lookup(self, z: torch.Tensor, precision: LookupPrecision = "exact") -> torch.Tensor:
         """Nearest-code indices for prepared latents `[..., D]` -> int64 `[...]`.
 
         `precision="fast"` lets the GPU kernel use tf32 matrix units (see `nearest_code`).

@@ -14,6 +14,7 @@ from torch import nn
 from .config import PIXEL_STATS, ViTVQConfig
 from .decoder import Decoder
 from .encoder import Encoder
+from .ops import LookupPrecision
 from .preprocess import preprocess as _preprocess
 from .quantizer import QuantizerOutput, VectorQuantizer
 from .registry import DEFAULT_MODEL
@@ -137,7 +138,7 @@ class ViTVQTokenizer(
         *,
         return_latents: bool = False,
         validate: bool = True,
-        lookup_precision: Literal["exact", "fast"] = "exact",
+        lookup_precision: LookupPrecision = "exact",
     ) -> torch.Tensor | EncodeOutput:
         """Images -> codes.
 

@@ -34,7 +34,7 @@ from .search import Rescore, resolve_rescore
 from .torch_backend import DEFAULT_MAX_TEMP_BYTES
 
 Metric = Literal["l2", "cosine"]
-Precision = Literal["exact", "fast"]
+LookupPrecision = Literal["exact", "fast"]  # the compute dtype of the networks is pipeline.runtime.ComputeDtype
 Backend = Literal["torch", "triton"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -167,7 +167,7 @@ def nearest_code(
     codebook: torch.Tensor,
     *,
     metric: Metric = "l2",
-    precision: Precision = "exact",
+    precision: LookupPrecision = "exact",
     backend: Backend | None = None,
     rescore: Rescore | None = None,
     return_distances: bool = False,
