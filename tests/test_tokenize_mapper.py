@@ -31,7 +31,7 @@ def test_datasets_map_batched(tmp_path, photos, tiny_tokenizer_dir, tok):
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         encoded.append({"bytes": buf.getvalue(), "path": None})
-    encoded[2] = {"bytes": b"not an image", "path": None}
+    encoded[2] = {"bytes": b"not an image", "path": "photos/broken.png"}
     ds = datasets.Dataset.from_dict({"image": encoded, "label": list(range(5))})
     ds = ds.cast_column("image", datasets.Image(decode=False))
 
@@ -40,6 +40,10 @@ def test_datasets_map_batched(tmp_path, photos, tiny_tokenizer_dir, tok):
     assert set(out.column_names) == {"image", "label", "codes", "ok", "error"}
     assert out["ok"] == [True, True, False, True, True]
     assert "not a readable image (UnidentifiedImageError" in out["error"][2] and out["error"][0] == ""
+    assert out["error"][2].startswith("batch row 0 (photos/broken.png): ")  # row 2 is the first of the second batch
+    indexed = TokenizeBatch(str(tiny_tokenizer_dir), device="cpu").map_dataset(ds, batch_size=2)
+    assert indexed["error"][2].startswith("row 2 (photos/broken.png): image bytes")
+    assert indexed["ok"] == out["ok"] and indexed["codes"] == out["codes"]
     expected = tok.encode(tok.preprocess([images[i] for i in (0, 1, 3, 4)]))
     got = torch.tensor(np.array([out[i]["codes"] for i in (0, 1, 3, 4)]))
     assert torch.equal(got.long(), expected)
@@ -87,4 +91,4 @@ def test_empty_bytes_are_an_empty_image_not_a_path_lookup(tmp_path, monkeypatch,
     Image.fromarray(photos[0]).resize((40, 36)).save(tmp_path / "x.png")
     out = TokenizeBatch(tok)({"image": [{"bytes": b"", "path": "x.png"}, {"bytes": None, "path": "x.png"}]})
     assert list(out["ok"]) == [False, True]
-    assert "empty image bytes" in out["error"][0]
+    assert out["error"][0].startswith("batch row 0 (x.png): ") and "empty image bytes" in out["error"][0]

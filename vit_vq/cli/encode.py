@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = tok.config
     save_codes(out, all_codes, names, info=info, codebook_size=cfg.codebook_size, image_size=cfg.image_size)
     print(
-        f"wrote {len(names)} code grids of {cfg.grid_size}x{cfg.grid_size} to {out} "
+        f"wrote {len(names)} code grid{'' if len(names) == 1 else 's'} of {cfg.grid_size}x{cfg.grid_size} to {out} "
         f"(model {info.model_id}, config {info.config_hash}, {info.precision}, "
         f"lookup {info.lookup_backend}/{info.lookup_precision})",
         file=sys.stderr,

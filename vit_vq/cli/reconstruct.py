@@ -45,6 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     out = Path(args.output).expanduser()
     single_file = out.suffix.lower() == ".png"
     if single_file and (len(args.inputs) != 1 or Path(args.inputs[0]).is_dir()):
@@ -64,8 +66,9 @@ def run(args: argparse.Namespace) -> int:
         for pair, target, key, value in zip(pairs, targets, batch["keys"], values, strict=True):
             save_png(pair, target, overwrite=args.overwrite)
             scores.append((key, value))
-            print(f"{key}: PSNR {value:.2f} dB -> {target}")
+            tqdm.write(f"{key}: PSNR {value:.2f} dB -> {target}")  # on its own line, above the progress bar
     if len(scores) > 1:
         print(f"mean PSNR over {len(scores)} images: {sum(v for _, v in scores) / len(scores):.2f} dB")
-    print(f"wrote {len(scores)} side-by-side PNGs (original | reconstruction)", file=sys.stderr)
+    n = len(scores)
+    print(f"wrote {n} side-by-side PNG{'' if n == 1 else 's'} (original | reconstruction)", file=sys.stderr)
     return 0

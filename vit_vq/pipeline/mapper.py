@@ -13,7 +13,9 @@ paths, PIL images, numpy `[H, W, C]` arrays (or one `[B, H, W, C]` array) or ten
 
     codes   [B, h, w] in the smallest unsigned dtype for the codebook (zeros where not ok)
     ok      [B] bool: the image was readable (and of the right size under resize="none")
-    error   [B] str: why not ("" when ok)
+    error   [B] str: why not ("" when ok), starting with the row (`row 17 (photos/x.jpg): ...`: the
+            dataset's row index under `map_dataset` or `map(..., with_indices=True)`, else the
+            position in the batch, and the cell's file path when it has one)
     ...     plus any `passthrough` columns, copied unchanged (Ray replaces the batch; datasets merges)
 
 A corrupt image is a row with `ok=False` as long as it reaches `TokenizeBatch` undecoded:
@@ -55,6 +57,13 @@ def _decode_image(value: Any) -> torch.Tensor:
     if isinstance(value, (str, Path)):
         return load_image(value)
     return to_tensor(value)
+
+
+def _row_name(value: Any, position: int, indices: Sequence[int] | None) -> str:
+    """`row 17` (the dataset index, else `batch row 3`), plus ` (path)` when the cell names a file."""
+    name = f"row {int(indices[position])}" if indices is not None else f"batch row {position}"
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, Path)) else None
+    return f"{name} ({path})" if path else name
 
 
 class TokenizeBatch:
@@ -126,8 +135,11 @@ class TokenizeBatch:
         """Provenance of the codes (loads the model if needed)."""
         return self._load()[1]
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Code `batch[image_column]`; returns `codes`, `ok`, `error` and the passthrough columns."""
+    def __call__(self, batch: dict[str, Any], indices: Sequence[int] | None = None) -> dict[str, Any]:
+        """Code `batch[image_column]`; returns `codes`, `ok`, `error` and the passthrough columns.
+
+        `indices` are the rows' indices in the dataset (`datasets`' `with_indices=True`), named in errors.
+        """
         tok, _ = self._load()
         for name in (self.image_column, *self.passthrough):
             if name not in batch:
@@ -143,7 +155,8 @@ class TokenizeBatch:
                         raise ValueError(f"image is {img.shape[2]}x{img.shape[1]} px but the model takes {S}x{S}")
                     img = resize_center_crop(img, S)
             except ROW_ERRORS as err:  # ValueErrors say what they are; others are named
-                errors.append(str(err)[:500] if isinstance(err, ValueError) else f"{type(err).__name__}: {str(err)[:500]}")
+                reason = str(err)[:500] if isinstance(err, ValueError) else f"{type(err).__name__}: {str(err)[:500]}"
+                errors.append(f"{_row_name(images[i], i, indices)}: {reason}")
                 continue
             pixels.append(img)
             rows.append(i)
@@ -171,7 +184,7 @@ class TokenizeBatch:
         decoded = isinstance(feature, datasets.Image) and feature.decode
         if decoded:
             ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
-        out = ds.map(self, batched=True, batch_size=batch_size, **map_kwargs)
+        out = ds.map(self, batched=True, batch_size=batch_size, with_indices=True, **map_kwargs)
         return out.cast_column(self.image_column, feature) if decoded else out
 
 
