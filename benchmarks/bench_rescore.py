@@ -1,5 +1,6 @@
 """Exact mode's float64 rescoring kernel (`vit_vq.ops.triton_rescore`): memory layout, tile sizes and
-codebook splits, on the row counts `bench_lookup.py` sees rescored.
+codebook splits, on the row counts `bench_lookup.py` sees rescored; then the candidate-set path
+(`triton_candidates`, issue 22) against the whole-codebook rescoring on the rows the bound leaves.
 
     python benchmarks/bench_rescore.py --out DIR          # CUDA; DIR/rescore.json and rescore.md
     TRITON_INTERPRET=1 python benchmarks/bench_rescore.py --out DIR --device cpu --small   # a dry run
@@ -8,6 +9,11 @@ Every variant runs the same kernel (same arithmetic, same order), so every varia
 indices as the library's `rescore_triton`, which is itself checked against the torch twin
 `exact.rescore` (float64 by direct differences) on the first rows. Times: `triton.testing.do_bench`
 medians, the kernel alone (the layout copies are timed separately).
+
+The candidate table runs the real first pass (`search_triton`) and bound (`exact.score_limits`) on
+each case, and times, for the unresolved rows: the candidate pass plus the float64 rescoring of the
+sets (`candidate_sets_triton` + `exact.rescore_candidates`), against `rescore_triton` over the whole
+codebook; both must return the same indices.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from vit_vq.ops import exact, triton_rescore  # noqa: E402
-from vit_vq.ops.torch_backend import Candidates, merge_candidates  # noqa: E402
-from vit_vq.ops.triton_backend import sm_count  # noqa: E402
+from vit_vq.ops.torch_backend import Candidates, CandidateSets, merge_candidates  # noqa: E402
+from vit_vq.ops.triton_backend import search_triton, sm_count  # noqa: E402
+from vit_vq.ops.triton_candidates import candidate_sets_triton  # noqa: E402
 
 # (N, K, D, share of rows rescored): the shares bench_lookup.py measured on an H200 (random data).
 CASES = [(12544, 16384, 512, 0.0693), (65536, 8192, 32, 0.0140), (65536, 16384, 8, 0.0056)]
@@ -80,6 +87,47 @@ def run_kernel(zr, e, layout: str, tile, per_sm: int) -> torch.Tensor:
     return result.indices
 
 
+def candidate_path(z: torch.Tensor, e: torch.Tensor, rows: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(indices of `z[rows]`, rows that overflowed the cap): candidate sets, rescored; overflow rows whole-codebook."""
+    sets = candidate_sets_triton(z, e, triton_rescore.squared_norms_triton(e), rows, limit, cap=exact.CANDIDATE_CAP)
+    fits = sets.counts <= exact.CANDIDATE_CAP
+    out = torch.empty_like(rows)
+    listed = CandidateSets(sets.indices[fits], sets.counts[fits])
+    out[fits] = exact.rescore_candidates(z, e, rows[fits], listed, 1 << 26)
+    if not bool(fits.all()):
+        out[~fits] = triton_rescore.rescore_triton(z, e, rows[~fits])
+    return out, int((~fits).sum())
+
+
+def candidate_table(cases, dev: torch.device, gen: torch.Generator) -> tuple[list[str], list[dict]]:
+    """Markdown lines and rows: the candidate path against whole-codebook rescoring, on the unresolved rows."""
+    lines = ["", "| case (N, K, D) | rows unresolved | to the whole codebook | mean set | candidates: pass + rescoring ms "
+             "| whole codebook ms | same indices |", "|---|---:|---:|---:|---:|---:|---|"]
+    out = []
+    for n, k, d, _ in cases:
+        z = torch.randn(n, d, device=dev, generator=gen)
+        e = torch.randn(k, d, device=dev, generator=gen)
+        e_sq = triton_rescore.squared_norms_triton(e)
+        cand = search_triton(z, e, e_sq, top2=True)
+        limit = exact.score_limits(cand, torch.linalg.vector_norm(z, dim=1), e_sq.sqrt(), d)
+        rows = (cand.second <= limit).nonzero().squeeze(1)
+        if not rows.numel():
+            lines.append(f"| {n}, {k}, {d} | 0 | | | | | |")
+            continue
+        got, overflow = candidate_path(z, e, rows, limit[rows])
+        sets = candidate_sets_triton(z, e, e_sq, rows, limit[rows], cap=exact.CANDIDATE_CAP)
+        mean_set = float(sets.counts[sets.counts <= exact.CANDIDATE_CAP].double().mean())
+        same = torch.equal(got, triton_rescore.rescore_triton(z, e, rows))
+        cand_ms = bench(functools.partial(candidate_path, z, e, rows, limit[rows]))
+        whole_ms = bench(functools.partial(triton_rescore.rescore_triton, z, e, rows))
+        out.append(dict(case=[n, k, d], unresolved=rows.numel(), overflow=overflow, mean_set=mean_set,
+                        candidates_ms=cand_ms, codebook_ms=whole_ms, same=same))
+        lines.append(
+            f"| {n}, {k}, {d} | {rows.numel()} | {overflow} | {mean_set:.2f} | {cand_ms:.3f} | {whole_ms:.3f} | {same} |"
+        )
+    return lines, out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -115,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {n}, {k}, {d}, {rows.numel()} | library (with copies) | | | {lib_ms:.3f} | - |")
         lines.append(f"| {n}, {k}, {d}, {rows.numel()} | the two layout copies | | | {copy_ms:.3f} | - |")
         rows_out.append(dict(case=[n, k, d], rows=rows.numel(), library_ms=lib_ms, copies_ms=copy_ms))
+    cand_lines, cand_rows = candidate_table(SMALL_CASES if args.small else CASES, dev, gen)
+    lines += cand_lines
+    rows_out += cand_rows
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU (Triton interpreter)"
     device = f"{name}, torch {torch.__version__}, triton {triton.__version__}"
     (args.out / "rescore.json").write_text(json.dumps({"device": device, "results": rows_out}, indent=1) + "\n")

@@ -7,9 +7,12 @@
 #
 # Stages (in this order; "default" runs in the background while "contract" runs):
 #   default   examples/train_default.py warm-started from vit_vq:default-v1 (DEFAULT_MINUTES, PACK): the v2 recipe
-#   rescore   benchmarks/bench_rescore.py (exact mode's float64 rescoring: layouts, tiles, splits)
-#   contract  tests/test_backend_contract.py on CUDA (exact mode: 0 rows off the float64 optimum)
-#   lookup    benchmarks/bench_lookup.py (LOOKUP_CASES, or the five built-in cases)
+#   rescore   benchmarks/bench_rescore.py (exact mode's float64 rescoring: layouts, tiles, splits; candidate sets
+#             against whole-codebook rescoring on the rows the bound leaves)
+#   contract  tests/test_backend_contract.py on CUDA (exact mode: 0 rows off the float64 optimum), with both
+#             rescorings (candidate sets, and VIT_VQ_RESCORE=codebook, the whole codebook)
+#   lookup    benchmarks/bench_lookup.py (LOOKUP_CASES, or the five built-in cases), exact with candidate sets and
+#             exact_codebook (the older whole-codebook rescoring) in the same run; then the default model's latents
 #   train     benchmarks/bench_train.py
 #   encode    benchmarks/bench_encode.py
 set -u
@@ -47,9 +50,12 @@ if has default; then
   ls "$D" > "$R/default_files.txt" 2>&1; pack
 fi
 if has lookup; then
-  extra=(); [ -n "${LOOKUP_CASES:-}" ] && extra=(--cases "$LOOKUP_CASES" --methods "${LOOKUP_METHODS:-naive,cdist,exact,fast}")
-  timeout "${LOOKUP_S:-260}" python benchmarks/bench_lookup.py --out "$R/lookup" "${extra[@]}" > "$R/lookup.log" 2>&1
-  echo "lookup rc=$?"; tail -25 "$R/lookup.log"; pack
+  extra=(); [ -n "${LOOKUP_CASES:-}" ] && extra=(--cases "$LOOKUP_CASES" --methods "${LOOKUP_METHODS:-naive,cdist,exact,exact_codebook,fast}")
+  timeout "${LOOKUP_S:-300}" python benchmarks/bench_lookup.py --out "$R/lookup" "${extra[@]}" > "$R/lookup.log" 2>&1
+  echo "lookup rc=$?"; tail -30 "$R/lookup.log"; pack
+  timeout "${LOOKUP_REAL_S:-90}" python benchmarks/bench_lookup.py --out "$R/lookup_real" --latents real --no-checks \
+      --methods naive,exact,exact_codebook,fast > "$R/lookup_real.log" 2>&1
+  echo "lookup_real rc=$?"; tail -12 "$R/lookup_real.log"; pack
 fi
 if has train; then
   timeout "${TRAIN_S:-150}" python benchmarks/bench_train.py --out "$R/train" --budget-s "${TRAIN_BUDGET:-110}" > "$R/train.log" 2>&1
