@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py --out results/            # GPU: seed preset, batch 64, 224 px
     python benchmarks/bench_train.py --out results/ --small    # CPU smoke run, well under a minute
+    python benchmarks/bench_train.py --out results/ --views    # data time against model time (default model)
 
 The reference step is re-implemented here, self-contained, as the baseline: a transformers
 `ViTModel` (ViT-B/16, 224 px) encoder, a linear map to 512, a naive nearest code over a
@@ -19,6 +20,13 @@ Every configuration runs in this one process on the same device: warm-up steps, 
 steps between `cuda.synchronize()` calls; peak memory is `torch.cuda.max_memory_allocated`.
 Results are rewritten after every configuration into `--out` as `bench_train.json` and
 `bench_train.md`, so a run cut short still leaves what it measured.
+
+`--views` instead times where the default model's training views come from, against its
+training step (`examples/train_default.py`: 128 px, batch 16 on CPU, 512 on CUDA): the
+data-loader views (`TrainTransform` in `--workers` processes) and the views cut on the device
+(`vit_vq.training.views.DeviceViews`), both from photos already decoded to uint8 (65 synthetic
+photos shaped like the default pack's, two landscape 768 x 1152 to one portrait, or `--photos DIR`).
+It writes `bench_views.json` and `bench_views.md`.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -137,6 +146,84 @@ def run_ours(shape: dict[str, int], batch: int, mixed: str, compile_: bool, step
         return timed(lambda: trainer.train_step(images), steps, warmup, device)
 
 
+# -- where the views come from (--views) --------------------------------------------------------
+def load_recipe() -> Any:
+    """examples/train_default.py as a module: its MODEL, WHOLE_PROB, PhotoCrops and read_photos."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_default.py"
+    spec = importlib.util.spec_from_file_location("train_default", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def synthetic_photos(count: int = 65) -> list[torch.Tensor]:
+    """uint8 `[3, H, W]` photos shaped like the default pack's (short side 768), smooth noise."""
+    gen, photos = torch.Generator().manual_seed(0), []
+    for i in range(count):
+        h, w = (1152, 768) if i % 3 == 2 else (768, 1152)
+        coarse = torch.rand(1, 3, h // 32, w // 32, generator=gen)
+        photos.append((F.interpolate(coarse, size=(h, w), mode="bilinear")[0] * 255).round().to(torch.uint8))
+    return photos
+
+
+def run_views(args: argparse.Namespace, device: torch.device, out: Path) -> list[dict[str, Any]]:
+    from torch.utils.data import DataLoader
+
+    from vit_vq import ViTVQConfig, ViTVQTokenizer
+    from vit_vq.training import TrainConfig, Trainer
+    from vit_vq.training.data import train_collate
+
+    recipe = load_recipe()
+    S, cuda = recipe.MODEL["image_size"], device.type == "cuda"
+    batch = args.batch_size or (512 if cuda else 16)
+    steps, warmup = args.steps or (20 if cuda else 4), args.warmup or 2
+    workers = args.workers if args.workers is not None else (min(12, (os.cpu_count() or 2) - 2) if cuda else 0)
+    names, photos = recipe.read_photos(args.photos) if args.photos else (None, synthetic_photos())
+    source = [{"pixels": p, "key": str(i), "label": -1, "error": None} for i, p in enumerate(photos)]
+    meta = {"device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or 'cpu'}), "
+            f"{torch.get_num_threads()} thread(s)", "torch": torch.__version__, "batch": batch, "image_size": S,
+            "photos": len(photos), "photo_pixels": sum(p[0].numel() for p in photos), "workers": workers,
+            "steps": steps, "warmup": warmup, "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(output=tmp, batch_size=batch, lr=5e-4, weight_decay=0.0, trackers="none", progress=False,
+                          num_workers=0, perceptual_weight=0.0, warmup_steps=1, max_steps=10**6, data_views="device",
+                          crop_scales="log_uniform", whole_prob=recipe.WHOLE_PROB, views_max_gb=args.views_max_gb)
+        trainer = Trainer(cfg, model=ViTVQTokenizer(ViTVQConfig(**recipe.MODEL)), dataset=source)
+        views = trainer.loader.views
+        meta["canvas_bytes"] = views.nbytes
+        meta["bytes_per_photo"] = views.nbytes / len(views)
+        images = views.batch(0, batch)
+        model_s = timed(lambda: trainer.train_step(images), steps, warmup, device)
+        rows.append({"name": "model step (Trainer.train_step)", "ms": 1000 * model_s})
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        counter = iter(range(10**9))
+        device_s = timed(lambda: views.batch(next(counter), batch), steps, warmup, device)
+        peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+        rows.append({"name": "views cut on the device (DeviceViews)", "ms": 1000 * device_s, "peak_gb": peak})
+        crops = recipe.PhotoCrops(names or [str(i) for i in range(len(photos))], photos, S,
+                                  length=(steps + warmup) * batch, seed=0)
+        loader = iter(DataLoader(crops, batch_size=batch, num_workers=workers, collate_fn=train_collate,
+                                 pin_memory=cuda, persistent_workers=workers > 0))
+        loader_s = timed(lambda: next(loader)["pixels"].to(device, non_blocking=True), steps, warmup, device)
+        rows.append({"name": f"data-loader views (TrainTransform, {workers} workers)", "ms": 1000 * loader_s})
+    for r in rows[1:]:
+        r["vs_model"] = r["ms"] / rows[0]["ms"]
+    lines = [f"Views against the model step, {meta['device']}, batch {batch}, {S} px, {len(photos)} photos", "",
+             "| | ms per batch | data / model |", "|---|---|---|"]
+    lines += [f"| {r['name']} | {r['ms']:.1f} | {r.get('vs_model', 1.0):.2f} |" for r in rows]
+    lines += ["", f"Photos held on the device: {views.nbytes / 1e6:.0f} MB, {meta['bytes_per_photo'] / 1e6:.2f} MB a photo"
+              f" ({meta['photo_pixels'] / len(photos) / 1e6:.2f} Mpixel a photo on average)"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_views.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    (out / "bench_views.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
 # -- harness -----------------------------------------------------------------------------------
 def timed(step: Any, steps: int, warmup: int, device: torch.device) -> float:
     """Seconds per step over `steps` timed steps after `warmup` untimed ones."""
@@ -208,8 +295,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time ours with torch.compile (default: on with CUDA)")
     parser.add_argument("--budget-s", type=float, default=400.0,
                         help="start no further configuration after this many seconds (the results so far are kept)")
+    parser.add_argument("--views", action="store_true", help="time the training views against the default model's step")
+    parser.add_argument("--photos", type=Path, help="--views: a folder of JPEG/PNG photos (default: synthetic ones)")
+    parser.add_argument("--workers", type=int, help="--views: data-loader processes (default 0 on CPU, up to 12 on CUDA)")
+    parser.add_argument("--views-max-gb", type=float, default=8.0, help="--views: memory the photos may take on the device")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.views:
+        run_views(args, device, args.out)
+        return 0
     shape_name = "small" if args.small else "seed"
     shape = SHAPES[shape_name]
     batch = args.batch_size or (4 if args.small else 64)

@@ -7,6 +7,8 @@ photo downscaled to the model's side (as users feed it), otherwise a random-resi
 side is log-uniform between the model's side (native resolution) and the photo's short side,
 with aspect jitter, at a random place, resized to the model's side; then a random flip. Every
 view is seeded by `(seed, index)`, so a run with the same `--steps` and `--seed` sees the same data.
+`--views device` makes views of the same distribution on the training device instead, from the photos
+held there (`vit_vq.training.views`; a different, equally seeded stream): no data-loader processes.
 
 `--init-from FOLDER` warm-starts from a trained tokenizer of the same architecture (e.g.
 `vit_vq/assets/default_v1`, the 0.1 default, which has the `pixel_shuffle` head and the straight-through
@@ -459,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, help="default: 16 on CPU, 128 on CUDA")
     p.add_argument("--lr", type=float, help="peak learning rate; default 6e-4 at batch 16, times sqrt(batch/16), at most 1e-3")
     p.add_argument("--workers", type=int, help="data-loader processes; default 0 on CPU, up to 12 on CUDA")
+    p.add_argument("--views", choices=("loader", "device"), default="loader",
+                   help="where the views are made: data-loader processes (TrainTransform), or cut on the training "
+                   "device from the photos held there (vit_vq.training.views.DeviceViews; same distribution, another stream)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-crops", type=int, default=1024, help="seeded training crops for training PSNR and codebook usage")
     p.add_argument("--init-from", type=Path, metavar="FOLDER", help="warm start from this tokenizer (same architecture)")
@@ -501,22 +506,38 @@ def main(argv: list[str] | None = None) -> int:
     if steps is None:
         minutes = args.minutes or 40.0
         per_step = seconds_per_step(tok, batch, device, lr)
-        gen, view = torch.Generator().manual_seed(0), view_transform(MODEL["image_size"])
-        start = time.perf_counter()
-        for i in range(32):
-            view(photos[i % len(photos)], gen)
-        loading = (time.perf_counter() - start) / 32 * batch / max(1, workers)  # data-loader seconds per batch
+        if args.views == "device":
+            from vit_vq.training.views import DeviceViews
+
+            views = DeviceViews(photos, MODEL["image_size"], whole_prob=WHOLE_PROB, device=device)
+            views.batch(0, batch)
+            start = time.perf_counter()
+            for i in range(1, 4):
+                views.batch(i, batch).sum().item()  # .item(): waits for the device
+            loading = (time.perf_counter() - start) / 3  # seconds per batch, in the training process
+            del views
+        else:
+            gen, view = torch.Generator().manual_seed(0), view_transform(MODEL["image_size"])
+            start = time.perf_counter()
+            for i in range(32):
+                view(photos[i % len(photos)], gen)
+            loading = (time.perf_counter() - start) / 32 * batch / max(1, workers)  # data-loader seconds per batch
         steps = max(10, int(minutes * 60 * 0.9 / max(per_step, loading)))  # 10% for logging and checkpoints
         print(f"{per_step:.3f} s/step (model), {loading:.3f} s/batch (data) at batch {batch} on {device}: "
               f"{minutes:g} minutes -> --steps {steps}", flush=True)
 
-    dataset = PhotoCrops(names, photos, MODEL["image_size"], length=steps * batch, seed=args.seed)
+    if args.views == "device":  # the photos themselves: the Trainer cuts every batch on the device
+        dataset = [{"pixels": p, "key": n, "label": -1, "error": None} for n, p in zip(names, photos, strict=True)]
+        views = dict(data_views="device", crop_scales="log_uniform", whole_prob=WHOLE_PROB, num_workers=0)
+    else:
+        dataset = PhotoCrops(names, photos, MODEL["image_size"], length=steps * batch, seed=args.seed)
+        views = dict(num_workers=workers)
     config = TrainConfig(
         output=str(args.output), max_steps=steps, batch_size=batch, lr=lr, weight_decay=0.0,
         warmup_steps=min(200, steps // 10), min_lr_ratio=0.05, max_grad_norm=1.0, seed=args.seed,
-        num_workers=workers, model_ema_decay=args.model_ema, l2_weight=1.0, perceptual_weight=0.0,
+        model_ema_decay=args.model_ema, l2_weight=1.0, perceptual_weight=0.0,
         trackers="none", log_every=max(1, steps // 50), image_every=max(1, steps // 5),
-        save_every=max(1, steps // 4), keep_checkpoints=1, resume="latest",
+        save_every=max(1, steps // 4), keep_checkpoints=1, resume="latest", **views,
     )
     start = time.time()
     result = Trainer(config, model=tok, dataset=dataset).train()
@@ -534,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         else f"CPU ({platform.machine()}), {args.threads} thread{'s' if args.threads > 1 else ''}",
         "torch": torch.__version__, "num_train_photos": len(names), "model_ema": args.model_ema,
         "init_from": str(args.init_from) if args.init_from else None, "trained": args.train, "whole_prob": WHOLE_PROB,
+        "views": args.views,
         "last_log": result.history[-1] if result.history else {},
         "weights_bytes": (result.export_dir / "model.safetensors").stat().st_size,
         "storage": "encoder/decoder float16, codebook float32" if half else "float32",

@@ -6,12 +6,13 @@
 Modules: `config` (TrainConfig), `trainer` (the loop), `losses` (pixel and VGG16 perceptual),
 `discriminator` (patch GAN, hinge, adaptive weight), `data` (sources, seeded augmentations,
 loader), `checkpoint` (atomic save/resume), `model_ema`, `tracking` (scalars, grids, summaries),
-`download` (bounded network access).
+`download` (bounded network access), `views` (training views cut on the training device).
 """
 
 from .config import TrainConfig
 from .losses import PerceptualLoss, PerceptualWeightsUnavailable, build_perceptual_loss
 from .trainer import NonFiniteLossError, Trainer, TrainResult
+from .views import DeviceViews, ViewsTooLarge
 
 __all__ = [
     "TrainConfig",
@@ -21,4 +22,6 @@ __all__ = [
     "PerceptualLoss",
     "PerceptualWeightsUnavailable",
     "build_perceptual_loss",
+    "DeviceViews",
+    "ViewsTooLarge",
 ]

@@ -19,6 +19,7 @@ from ..config import PRESETS
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 DataFormat = Literal["auto", "folder", "hf", "cifar10"]
 CropScales = Literal["fixed", "log_uniform"]
+DataViews = Literal["loader", "device"]
 MAX_DEFAULT_WARMUP = 500  # warmup steps when not set: min(this, max_steps // 10)
 MAX_DEFAULT_WORKERS = 4  # data-loader workers when not set: min(this, CPUs available)
 # Named sets of settings (`--recipe NAME`): applied beneath a config file's values and explicit flags.
@@ -73,6 +74,10 @@ class TrainConfig:
     crop_scales: CropScales = _f("fixed", "fixed: crops at image_size * resize_ratio; log_uniform: random-resized crops "
                                  "from native resolution up to the whole short side, resized to image_size")
     whole_prob: float = _f(0.0, "share of views that are the whole photo, center-cropped and resized to image_size")
+    data_views: DataViews = _f("loader", "where views are made: loader (data-loader processes crop each image; any amount "
+                               "of data) or device (photos decoded once into memory on the training device, each batch "
+                               "cut there in a few tensor operations; needs crop_scales=log_uniform)")
+    views_max_gb: float = _f(8.0, "data_views=device: the most memory the decoded photos may take there (3 bytes a pixel)")
     num_workers: int | None = _f(
         None, f"data loader worker processes per rank (0: load in the main process); default: the CPUs this process may "
         f"use, at most {MAX_DEFAULT_WORKERS}"
@@ -167,6 +172,12 @@ class TrainConfig:
         _check_choice("crop_scales", self.crop_scales, ("fixed", "log_uniform"))
         if not 0 <= self.whole_prob <= 1:
             raise ValueError(f"whole_prob must be in [0, 1], got {self.whole_prob}")
+        _check_choice("data_views", self.data_views, ("loader", "device"))
+        if self.data_views == "device" and self.crop_scales != "log_uniform":
+            raise ValueError("data_views='device' makes random-resized crops across scales (crop_scales='log_uniform'); "
+                             f"crop_scales={self.crop_scales!r} views are made by the data loader (data_views='loader')")
+        if not self.views_max_gb > 0:
+            raise ValueError(f"views_max_gb must be > 0, got {self.views_max_gb}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         _check_choice("mixed_precision", self.mixed_precision, ("auto", "no", "fp16", "bf16"))
@@ -281,4 +292,4 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-__all__ = ["TrainConfig", "RECIPES", "MixedPrecision", "DataFormat", "KNOWN_TRACKERS", "available_cpus"]
+__all__ = ["TrainConfig", "RECIPES", "MixedPrecision", "DataFormat", "DataViews", "KNOWN_TRACKERS", "available_cpus"]

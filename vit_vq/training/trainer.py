@@ -35,6 +35,7 @@ from .discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hi
 from .losses import PerceptualLoss, build_perceptual_loss, pixel_losses
 from .model_ema import ModelEMA
 from .tracking import MetricMeter, log_grid, reconstruction_grid, save_grid, step_summary, tracker_config
+from .views import DeviceViews, ViewBatches, ViewsTooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -194,9 +195,13 @@ class Trainer:
         source = dataset if dataset is not None else open_training_source(cfg)
         self.num_items = len(source)
         self.preview = preview_images(source, model.config.image_size, cfg.num_log_images)
-        loader, self.sampler = build_train_loader(
-            source, cfg, model.config.image_size, num_processes=acc.num_processes, pin_memory=acc.device.type == "cuda"
-        )
+        unreadable: list[dict[str, str]] = []
+        if cfg.data_views == "device":
+            loader, unreadable = self._device_views(source, model.config.image_size)
+        else:
+            loader, self.sampler = build_train_loader(
+                source, cfg, model.config.image_size, num_processes=acc.num_processes, pin_memory=acc.device.type == "cuda"
+            )
 
         model.to(acc.device)
         # fused AdamW on GPUs (on CPU, torch's fused kernel is slower than the default foreach one)
@@ -227,6 +232,7 @@ class Trainer:
         self._interval_start, self._interval_images = time.perf_counter(), 0
         self._nonfinite = torch.zeros((), device=acc.device)
         self._skipped: set[str] = set()
+        self._note_skipped(unreadable)
         self._last_checkpoint: Path | None = None
         self._last_parts: dict[str, torch.Tensor] = {}
         self._sample: Path | None = None
@@ -240,6 +246,20 @@ class Trainer:
     @property
     def unwrapped(self) -> ViTVQTokenizer:
         return self.accelerator.unwrap_model(self.model)
+
+    def _device_views(self, source: Dataset, size: int) -> tuple[ViewBatches, list[dict[str, str]]]:
+        """`data_views="device"`: the photos decoded into memory on the training device, and batches cut there."""
+        acc, cfg = self.accelerator, self.config
+        try:
+            views, unreadable = DeviceViews.from_source(
+                source, size, seed=cfg.seed, whole_prob=cfg.whole_prob, hflip=cfg.hflip, random_crop=cfg.random_crop,
+                device=acc.device, max_bytes=int(cfg.views_max_gb * 1e9),
+            )
+        except ViewsTooLarge as err:
+            raise ViewsTooLarge(f"{err} (views_max_gb); make the views in the data loader (data_views='loader'), "
+                                "or allow more memory") from None
+        self._info("views cut on %s from %d photos held there in %.2f GB", acc.device, len(views), views.nbytes / 1e9)
+        return ViewBatches(views, cfg.batch_size, rank=acc.process_index, world=acc.num_processes), unreadable
 
     def _reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t, "mean") if self.accelerator.num_processes > 1 else t
@@ -383,9 +403,12 @@ class Trainer:
 
     def _run_epoch(self, bar: Any) -> None:
         acc, cfg, st = self.accelerator, self.config, self.state
-        self.loader.set_epoch(st.epoch)
-        loader = acc.skip_first_batches(self.loader, st.batch_in_epoch) if st.batch_in_epoch else self.loader
-        loader.set_epoch(st.epoch)
+        if isinstance(self.loader, ViewBatches):
+            loader = self.loader.epoch(st.epoch, st.batch_in_epoch)
+        else:
+            self.loader.set_epoch(st.epoch)
+            loader = acc.skip_first_batches(self.loader, st.batch_in_epoch) if st.batch_in_epoch else self.loader
+            loader.set_epoch(st.epoch)
         for batch in loader:
             st.batch_in_epoch += 1
             self._note_skipped(batch["skipped"])
@@ -456,7 +479,7 @@ class Trainer:
     # -- checkpoints and export ------------------------------------------------------------
     def _save(self) -> None:
         q = self.unwrapped.quantizer
-        pool = {"recent": q.recent, "recent_len": q.recent_len}
+        pool = {"recent": q.restart_pool, "recent_len": q.restart_pool_len}
         main = {EMA_NAME: self.ema.state_dict()} if self.ema is not None else {}
         self.state.skipped_keys = sorted(self._skipped)
         self._last_checkpoint = _save_checkpoint(
@@ -475,8 +498,8 @@ class Trainer:
         q = self.unwrapped.quantizer
         if "quantizer_pool" in tensors:
             pool = tensors["quantizer_pool"]
-            q.recent.copy_(pool["recent"])
-            q.recent_len.copy_(pool["recent_len"])
+            q.restart_pool.copy_(pool["recent"])
+            q.restart_pool_len.copy_(pool["recent_len"])
         if self.ema is not None:
             if "model_ema" in tensors:
                 self.ema.load_state_dict(tensors["model_ema"])
