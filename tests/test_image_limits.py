@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import vit_vq.data
+import vit_vq.preprocess
 from vit_vq.data import ImageFolder, collate_images, load_image
 from vit_vq.pipeline.sources import ModelSizedImages, collate_sized
 
@@ -75,10 +76,10 @@ def test_a_huge_image_is_refused_from_its_header(tmp_path, photo_dir):
 
 def test_the_pixel_limit_is_read_at_each_load(tmp_path, monkeypatch):
     Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
-    monkeypatch.setattr(vit_vq.data, "MAX_IMAGE_PIXELS", 399)
+    monkeypatch.setattr(vit_vq.preprocess, "MAX_IMAGE_PIXELS", 399)
     with pytest.raises(ValueError, match="400 pixels, above the limit of 399"):
         load_image(tmp_path / "a.png")
-    monkeypatch.setattr(vit_vq.data, "MAX_IMAGE_PIXELS", 400)
+    monkeypatch.setattr(vit_vq.preprocess, "MAX_IMAGE_PIXELS", 400)
     assert load_image(tmp_path / "a.png").shape == (3, 20, 20)
 
 
@@ -131,7 +132,7 @@ def test_the_environment_is_read_at_each_load(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="400 pixels, above the limit of 399"):
         load_image(tmp_path / "a.png")
     monkeypatch.setenv("VIT_VQ_MAX_ASPECT_RATIO", "0")
-    with pytest.raises(ValueError, match="^the environment variable VIT_VQ_MAX_ASPECT_RATIO must be a positive integer, got '0'"):
+    with pytest.raises(ValueError, match=r"^the environment variable 'VIT_VQ_MAX_ASPECT_RATIO' must be in \[1, \d+\], got 0$"):
         ImageFolder(tmp_path)  # the job's error, before any image is loaded
 
 
@@ -143,6 +144,6 @@ def test_a_malformed_limit_in_the_environment_is_a_one_line_command_error(tmp_pa
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.splitlines() == [
-        "vit-vq encode: error: the environment variable VIT_VQ_MAX_IMAGE_PIXELS must be a positive integer, got 'abc'"
+        "vit-vq encode: error: the environment variable 'VIT_VQ_MAX_IMAGE_PIXELS' must be a whole number, got 'abc'"
     ]
     assert not (tmp_path / "codes.safetensors").exists()

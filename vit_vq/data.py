@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,51 +20,49 @@ from torch.utils.data import Dataset
 
 from .files import NotRegularFileError, open_regular
 from .hub import looks_local
-from .preprocess import to_tensor
+from .preprocess import check_image_size, image_limits, to_tensor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 # the decoders `load_image` uses (JPEG includes phones' MPO files); others (EPS runs Ghostscript, ...) are refused
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "DIB", "GIF", "WEBP", "TIFF", "PPM", "AVIF")
 
 
-# Refused from the header, before any pixel is decoded. 2**26 pixels (8192 x 8192) cost at
-# most ~1.3 GiB while loading (measured up to 20.2 bytes per pixel, for 32-bit TIFFs; 19.1
-# for RGB/RGBA/CMYK: decode, converted copy, float32 tensor; see docs/security.md). Pillow's own
-# `PIL.Image.MAX_IMAGE_PIXELS` (~179 M pixels refused, ~89 M warned) still applies on top.
-DEFAULT_MAX_IMAGE_PIXELS = 2**26
-# Long side / short side. Scaling a short side to S px needs S * S * ratio * 12 bytes, so at
-# most 25 MB at S = 256 (a 1 x 60000 strip would need 11 GB at S = 128).
-DEFAULT_MAX_ASPECT_RATIO = 32
-# Set these to override the defaults in code; left at None, the environment variables
-# VIT_VQ_MAX_IMAGE_PIXELS / VIT_VQ_MAX_ASPECT_RATIO (read at every load), else the defaults, apply.
-MAX_IMAGE_PIXELS: int | None = None
-MAX_ASPECT_RATIO: int | None = None
+# JPEG scans (SOS markers) allowed per image, like `djpeg -maxscans`: each scan of a progressive
+# file costs a pass over the whole image (~2.2 ms per megapixel), so the limit shrinks as the
+# pixel count grows: JPEG_SCAN_PIXEL_BUDGET // pixels, clamped to [MIN_JPEG_SCANS, MAX_JPEG_SCANS].
+# Baseline JPEGs have 1 scan, progressive ones about 10 (libjpeg's default script: 10 for colour,
+# 6 for grey).
+MIN_JPEG_SCANS = 64
+MAX_JPEG_SCANS = 1000
+JPEG_SCAN_PIXEL_BUDGET = 2**30
+# SOF markers of arithmetic-coded JPEGs (rare; browsers do not decode them either): refused, since
+# their data can be far smaller than a bit per block, which the truncation check relies on.
+_ARITHMETIC_SOF = {0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7} | _ARITHMETIC_SOF
+# In entropy-coded data 0xFF is followed by 0x00 (stuffing), RST0-7 or more 0xFF fill: anything else is a marker.
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
-def image_limits() -> tuple[int, int]:
-    """The `(max_pixels, max_aspect_ratio)` images are checked against, read now.
+def max_jpeg_scans(pixels: int) -> int:
+    """The most scans (SOS markers) a JPEG of `pixels` pixels may have."""
+    return max(MIN_JPEG_SCANS, min(MAX_JPEG_SCANS, JPEG_SCAN_PIXEL_BUDGET // max(pixels, 1)))
 
-    `MAX_IMAGE_PIXELS` / `MAX_ASPECT_RATIO` when set, else the `VIT_VQ_MAX_IMAGE_PIXELS` /
-    `VIT_VQ_MAX_ASPECT_RATIO` environment variables when set, else 2**26 pixels and 32:1.
+
+def check_settings() -> None:
+    """Raise if the settings images are loaded under are wrong (called before any image is read).
 
     Raises:
-        ValueError: an environment variable that is not a positive integer (naming it and its value).
+        ValueError: a malformed limit in the environment (`image_limits`); Pillow's
+            `ImageFile.LOAD_TRUNCATED_IMAGES` set, under which a truncated file loads with grey rows.
     """
-    pixels = _positive_from_env("VIT_VQ_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)  # checked even when overridden
-    ratio = _positive_from_env("VIT_VQ_MAX_ASPECT_RATIO", DEFAULT_MAX_ASPECT_RATIO)
-    return (
-        pixels if MAX_IMAGE_PIXELS is None else MAX_IMAGE_PIXELS,
-        ratio if MAX_ASPECT_RATIO is None else MAX_ASPECT_RATIO,
-    )
+    from PIL import ImageFile
 
-
-def _positive_from_env(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    if not (value.isascii() and value.isdigit()) or int(value) <= 0:
-        raise ValueError(f"the environment variable {name} must be a positive integer, got {value!r}")
-    return int(value)
+    image_limits()
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise ValueError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images would load with their missing "
+            "rows filled in, and vit_vq refuses them; set it back to False"
+        )
 
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -95,28 +94,6 @@ def list_images(root: str | Path, *, include_all_files: bool = False) -> list[Pa
     return sorted(found)
 
 
-def check_image_size(width: int, height: int) -> None:
-    """Raise unless a `width` x `height` image is within the limits of `image_limits()`.
-
-    Raises:
-        ValueError: no pixels, too many pixels, or too elongated (the message names the limit);
-            a malformed limit in the environment.
-    """
-    max_pixels, max_ratio = image_limits()
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image is {width}x{height} px: it has no pixels")
-    if width * height > max_pixels:
-        raise ValueError(
-            f"image is {width}x{height} px = {width * height:,} pixels, above the limit of {max_pixels:,} "
-            "(vit_vq.data.MAX_IMAGE_PIXELS, or the VIT_VQ_MAX_IMAGE_PIXELS environment variable)"
-        )
-    if max(width, height) > max_ratio * min(width, height):
-        raise ValueError(
-            f"image is {width}x{height} px, an aspect ratio above the limit of {max_ratio}:1 "
-            "(vit_vq.data.MAX_ASPECT_RATIO, or the VIT_VQ_MAX_ASPECT_RATIO environment variable)"
-        )
-
-
 def load_image(path: str | Path | io.BytesIO) -> torch.Tensor:
     """Read an image file (or its bytes) -> float `[3, H, W]` in [0, 1], exactly (see `to_tensor`).
 
@@ -132,7 +109,7 @@ def load_image(path: str | Path | io.BytesIO) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     name = "image bytes" if isinstance(path, io.BytesIO) else str(path)
-    image_limits()  # a malformed environment variable is the caller's error, whatever the file
+    check_settings()  # a malformed environment variable is the caller's error, whatever the file
     try:
         if isinstance(path, io.BytesIO):
             if path.seek(0, io.SEEK_END) == 0:
@@ -154,13 +131,101 @@ def load_image(path: str | Path | io.BytesIO) -> torch.Tensor:
 
 
 def _decode(f: io.BufferedReader | io.BytesIO) -> torch.Tensor:
-    """Decode an open image file: size checked from the header, then pixels (see `load_image`)."""
+    """Decode an open image file: size checked from the header, JPEG structure walked, then pixels (see `load_image`)."""
     from PIL import Image
 
     with Image.open(f, formats=IMAGE_FORMATS) as im:
         check_image_size(*im.size)
-        im.load()
+        if im.format not in ("JPEG", "MPO"):
+            im.load()
+            return to_tensor(im)
+        f.seek(0)
+        data = f.read()
+        end = _check_jpeg(data, im.size[0] * im.size[1])
+        if end is None or im.format == "MPO":  # several scans, or several images: decoded as they are
+            im.load()
+            return to_tensor(im)
+    # One scan: decode it with its end marker replaced by a few zero bytes (libjpeg reads up to 25 bits
+    # ahead), so that data that stops short of the last row is Pillow's "image file is truncated" instead
+    # of rows libjpeg fills with grey once it meets the marker (a warning that Pillow drops). The zeros
+    # decode as at most 32 blocks of a truncated file's data, never as a complete file's.
+    with Image.open(io.BytesIO(data[:end] + bytes(8)), formats=("JPEG",)) as im:
+        try:
+            im.load()
+        except OSError as err:
+            raise ValueError(f"truncated JPEG: its image data ends before its last row ({err})") from None
         return to_tensor(im)
+
+
+def _check_jpeg(data: bytes, pixels: int) -> int | None:
+    """Walk a JPEG's marker segments up to its end marker (EOI); where that marker is, for a one-scan file.
+
+    Raises:
+        ValueError: more scans than `max_jpeg_scans(pixels)`; no end marker (truncated); less
+            than one bit of image data per 8x8 block (truncated, or a header lying about the
+            size); arithmetic coding; a malformed segment.
+    """
+    limit, n = max_jpeg_scans(pixels), len(data)
+    pos, scans, coded, blocks = 2, 0, 0, 0  # after SOI
+    truncated = "truncated JPEG: the file ends before its end-of-image marker"
+    while True:
+        if pos + 2 > n:
+            raise ValueError(truncated)
+        if data[pos] != 0xFF:
+            raise ValueError(f"corrupt JPEG: expected a marker at byte {pos}, got 0x{data[pos]:02x}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn, TEM: no length
+            pos += 2
+            continue
+        if pos + 4 > n:
+            raise ValueError(truncated)
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if end > n or end < pos + 4:
+            raise ValueError(f"{truncated} (a segment at byte {pos} runs past it)")
+        if marker in _ARITHMETIC_SOF:
+            raise ValueError(f"arithmetic-coded JPEG (SOF marker 0x{marker:02x}); only Huffman-coded JPEGs are read")
+        if marker in _SOF:
+            blocks = _jpeg_blocks(data[pos + 4 : end])
+        elif marker == 0xDA:  # SOS, then its entropy-coded data up to the next marker
+            scans += 1
+            if scans > limit:
+                raise ValueError(
+                    f"JPEG has more than {limit} scans, the limit for {pixels:,} pixels "
+                    f"(vit_vq.data.max_jpeg_scans: each scan is a pass over the whole image)"
+                )
+            found = _NEXT_MARKER.search(data, end)
+            if found is None:
+                raise ValueError(truncated)
+            coded += found.start() - end
+            end = found.start()
+        pos = end
+    if coded * 8 < blocks:
+        raise ValueError(
+            f"truncated JPEG: its header declares {blocks:,} blocks of 8x8 pixels but it holds {coded:,} bytes "
+            "of image data, less than one bit per block"
+        )
+    return pos if scans == 1 else None
+
+
+def _jpeg_blocks(sof: bytes) -> int:
+    """The number of 8x8 blocks, over all components, that a JPEG frame header (SOF payload) declares."""
+    if len(sof) < 6 or len(sof) < 6 + 3 * sof[5] or sof[5] == 0:
+        raise ValueError("corrupt JPEG: a malformed frame header")
+    height, width = int.from_bytes(sof[1:3], "big"), int.from_bytes(sof[3:5], "big")
+    factors = [(sof[7 + 3 * i] >> 4, sof[7 + 3 * i] & 15) for i in range(sof[5])]
+    if min(min(h, v) for h, v in factors) == 0:
+        raise ValueError("corrupt JPEG: a sampling factor of 0 in the frame header")
+    h_max, v_max = max(h for h, _ in factors), max(v for _, v in factors)
+    return sum(_ceil_div(_ceil_div(width * h, h_max), 8) * _ceil_div(_ceil_div(height * v, v_max), 8) for h, v in factors)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(a // -b)
 
 
 def _open_regular_file(path: Path) -> io.BufferedReader:
@@ -191,7 +256,7 @@ class ImageFolder(Dataset):
     """
 
     def __init__(self, root: str | Path, transform: Transform | None = None, *, include_all_files: bool = True):
-        image_limits()  # now, as the job's error, rather than as every image's
+        check_settings()  # now, as the job's error, rather than as every image's
         self.root = Path(root).expanduser()
         self.files = list_images(self.root, include_all_files=include_all_files)
         self.transform = transform
@@ -233,7 +298,7 @@ class HFImageDataset(Dataset):
     ):
         import datasets
 
-        image_limits()  # now, as the job's error, rather than as every row's
+        check_settings()  # now, as the job's error, rather than as every row's
         path = Path(name_or_path).expanduser()
         if _is_saved_dataset(path):
             ds = datasets.load_from_disk(str(path))

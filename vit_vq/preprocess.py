@@ -7,16 +7,81 @@ is applied, and layouts that could be read two ways are refused instead of guess
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import json_fields
+
+# Refused before any pixel is converted (for files: from the header, before any pixel is decoded).
+# 2**26 pixels (8192 x 8192) cost at most ~1.3 GiB while loading a file (measured up to 20.2
+# bytes per pixel, for 32-bit TIFFs; 19.1 for RGB/RGBA/CMYK: decode, converted copy, float32
+# tensor; see docs/security.md). Pillow's own `PIL.Image.MAX_IMAGE_PIXELS` (~179 M pixels
+# refused, ~89 M warned) still applies on top for files.
+DEFAULT_MAX_IMAGE_PIXELS = 2**26
+# Long side / short side. Scaling a short side to S px needs S * S * ratio * 12 bytes, so at
+# most 25 MB at S = 256 (a 1 x 60000 strip would need 11 GB at S = 128).
+DEFAULT_MAX_ASPECT_RATIO = 32
+# Set these to override the defaults in code; left at None, the environment variables
+# VIT_VQ_MAX_IMAGE_PIXELS / VIT_VQ_MAX_ASPECT_RATIO (read at every check), else the defaults, apply.
+MAX_IMAGE_PIXELS: int | None = None
+MAX_ASPECT_RATIO: int | None = None
+_MAX_LIMIT = 2**63 - 1  # a limit read from the environment is an int64
+
 CHANNELS = (1, 3, 4)
 # the largest value of each accepted integer dtype: pixels are divided by it
 INT_PEAKS = {torch.uint8: 255, torch.uint16: 2**16 - 1, torch.uint32: 2**32 - 1}
 LAYOUTS = "[H, W], [C, H, W] or [H, W, C] with C in (1, 3, 4) at exactly one end"
+
+
+def image_limits() -> tuple[int, int]:
+    """The `(max_pixels, max_aspect_ratio)` images are checked against, read now.
+
+    `MAX_IMAGE_PIXELS` / `MAX_ASPECT_RATIO` when set, else the `VIT_VQ_MAX_IMAGE_PIXELS` /
+    `VIT_VQ_MAX_ASPECT_RATIO` environment variables when set, else 2**26 pixels and 32:1.
+
+    Raises:
+        ValueError: an environment variable that is not a whole number in [1, 2**63 - 1]
+            (naming it; its digits are counted before any conversion).
+    """
+    pixels = _positive_from_env("VIT_VQ_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)  # checked even when overridden
+    ratio = _positive_from_env("VIT_VQ_MAX_ASPECT_RATIO", DEFAULT_MAX_ASPECT_RATIO)
+    return (
+        pixels if MAX_IMAGE_PIXELS is None else MAX_IMAGE_PIXELS,
+        ratio if MAX_ASPECT_RATIO is None else MAX_ASPECT_RATIO,
+    )
+
+
+def _positive_from_env(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if not value.strip():
+        return default
+    return json_fields.integer_text(value, source="the environment variable", key=name, low=1, high=_MAX_LIMIT)
+
+
+def check_image_size(width: int, height: int) -> None:
+    """Raise unless a `width` x `height` image is within the limits of `image_limits()`.
+
+    Raises:
+        ValueError: no pixels, too many pixels, or too elongated (the message names the limit);
+            a malformed limit in the environment.
+    """
+    max_pixels, max_ratio = image_limits()
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image is {width}x{height} px: it has no pixels")
+    if width * height > max_pixels:
+        raise ValueError(
+            f"image is {width}x{height} px = {width * height:,} pixels, above the limit of {max_pixels:,} "
+            "(vit_vq.preprocess.MAX_IMAGE_PIXELS, or the VIT_VQ_MAX_IMAGE_PIXELS environment variable)"
+        )
+    if max(width, height) > max_ratio * min(width, height):
+        raise ValueError(
+            f"image is {width}x{height} px, an aspect ratio above the limit of {max_ratio}:1 "
+            "(vit_vq.preprocess.MAX_ASPECT_RATIO, or the VIT_VQ_MAX_ASPECT_RATIO environment variable)"
+        )
 
 
 def to_tensor(image: Any) -> torch.Tensor:
@@ -34,16 +99,22 @@ def to_tensor(image: Any) -> torch.Tensor:
     first size is 1, 3 or 4, `[H, W, C]` when only its last is; when both are (`[4, 50, 3]`,
     `[3, 50, 3]`) or neither is, it is refused. Grey is repeated to 3 channels, alpha dropped.
 
+    The size is checked first (`check_image_size`: pixel count and aspect ratio), before any
+    pixel is converted.
+
     Raises:
         TypeError: not an image type, or an unsupported dtype (e.g. int64).
-        ValueError: an ambiguous or unsupported shape; float pixels outside [0, 1] or NaN;
-            negative integer pixels.
+        ValueError: an ambiguous or unsupported shape; too many pixels or too elongated; float
+            pixels outside [0, 1] or NaN; negative integer pixels.
     """
     if hasattr(image, "convert") and hasattr(image, "getexif"):  # PIL.Image
+        check_image_size(*image.size)
         t = _pil_to_tensor(image)
     elif isinstance(image, np.ndarray):
+        _check_array_size(image.shape)
         t = _channels_first(_numpy_to_tensor(image), image.shape)
     elif isinstance(image, torch.Tensor):
+        _check_array_size(tuple(image.shape))
         t = _channels_first(image, tuple(image.shape))
     else:
         raise TypeError(f"expected a PIL image, numpy array or torch.Tensor, got {type(image).__name__}")
@@ -64,6 +135,8 @@ def _pil_to_tensor(im: Any) -> torch.Tensor:
         im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I;16") or im.mode == "I":
         return _int_pixels(np.asarray(im), bits, signed)
+    if im.mode == "L" and signed:  # a signed 8-bit TIFF: Pillow reads its bytes as unsigned
+        return _int_pixels(np.asarray(im).view(np.int8), bits, signed)
     if im.mode == "F":
         return torch.from_numpy(np.array(im, dtype=np.float32))[None]
     if im.mode not in ("L", "RGB"):
@@ -100,6 +173,15 @@ def _numpy_to_tensor(arr: np.ndarray) -> torch.Tensor:
     if arr.dtype.kind not in "uf":
         raise TypeError(f"expected uint8, uint16, uint32 or float pixels, got numpy dtype {arr.dtype}")
     return torch.from_numpy(np.array(arr, dtype=arr.dtype.newbyteorder("="), order="C"))
+
+
+def _check_array_size(shape: tuple[int, ...]) -> None:
+    """`check_image_size` for an array of `shape`, read as `_channels_first` reads it (other shapes pass, refused there)."""
+    if len(shape) == 2:
+        check_image_size(shape[1], shape[0])
+    elif len(shape) == 3 and (shape[0] in CHANNELS) != (shape[2] in CHANNELS):
+        height, width = shape[1:] if shape[0] in CHANNELS else shape[:2]
+        check_image_size(width, height)
 
 
 def _channels_first(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -159,7 +241,12 @@ def resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def preprocess(images: Any, size: int) -> torch.Tensor:
-    """PIL image(s), numpy array(s), tensors or a list of them -> float `[B, 3, size, size]` in [0, 1]."""
+    """PIL image(s), numpy array(s), tensors or a list of them -> float `[B, 3, size, size]` in [0, 1].
+
+    Raises:
+        ValueError: no images; an image beyond the pixel or aspect limits (`check_image_size`),
+            or one `to_tensor` refuses. TypeError: see `to_tensor`.
+    """
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         items = list(images)
     elif isinstance(images, np.ndarray) and images.ndim == 4:

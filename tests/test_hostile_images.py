@@ -1,0 +1,164 @@
+"""Hostile images (issue 19): JPEG scan bombs, truncated or lying JPEGs, oversized in-memory images,
+integers in the environment. Every hostile file is generated here, never committed."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+import vit_vq.data
+from vit_vq.data import ImageFolder, load_image, max_jpeg_scans
+from vit_vq.preprocess import preprocess, to_tensor
+
+
+def _photo() -> np.ndarray:
+    from skimage import data
+
+    return data.astronaut()  # (512, 512, 3) uint8, a real photo
+
+
+def _jpeg(image: Image.Image, **save) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", **save)
+    return out.getvalue()
+
+
+def _pillow(raw: bytes) -> torch.Tensor:
+    with Image.open(io.BytesIO(raw)) as im:
+        return to_tensor(im)
+
+
+@pytest.mark.parametrize(
+    "save",
+    [
+        {"quality": 90},
+        {"quality": 95, "subsampling": 0},
+        {"quality": 75, "progressive": True},
+        {"quality": 85, "restart_marker_blocks": 7},
+        {"quality": 85, "grey": True},
+    ],
+    ids=["baseline", "444", "progressive", "restart-markers", "grey"],
+)
+def test_complete_jpegs_load_exactly_as_pillow_decodes_them(save):
+    save = dict(save)
+    image = Image.fromarray(_photo()[:200, :136])
+    if save.pop("grey", False):
+        image = image.convert("L")
+    raw = _jpeg(image, **save)
+    assert torch.equal(load_image(io.BytesIO(raw)), _pillow(raw))
+
+
+def test_a_jpeg_scan_bomb_is_refused_before_decoding():
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).resize((256, 256))
+    raw = _jpeg(noise, quality=80, progressive=True)
+    scans = raw.count(b"\xff\xda")
+    assert 2 <= scans <= 16  # a normal progressive file loads
+    assert load_image(io.BytesIO(raw)).shape == (3, 256, 256)
+    limit = max_jpeg_scans(256 * 256)
+    last = raw.rindex(b"\xff\xda")
+    bomb = raw[:-2] + raw[last:-2] * limit + b"\xff\xd9"  # the last scan repeated: scans + limit - 1 > limit
+    assert bomb.count(b"\xff\xda") > limit
+    with pytest.raises(ValueError, match=f"JPEG has more than {limit} scans, the limit for 65,536 pixels"):
+        load_image(io.BytesIO(bomb))
+
+
+def test_the_scan_limit_shrinks_with_the_pixel_count_within_its_bounds():
+    assert max_jpeg_scans(64 * 64) == vit_vq.data.MAX_JPEG_SCANS
+    assert max_jpeg_scans(2**22) == 2**30 // 2**22 == 256
+    assert max_jpeg_scans(8192 * 8192) == vit_vq.data.MIN_JPEG_SCANS
+
+
+def test_a_photo_cut_to_a_tenth_with_its_end_marker_added_back_is_refused():
+    raw = _jpeg(Image.fromarray(_photo()), quality=90)
+    cut = raw[: len(raw) // 10] + b"\xff\xd9"
+    _pillow(cut)  # Pillow alone pads the missing rows with grey, without a word
+    with pytest.raises(ValueError, match="truncated JPEG: its image data ends before its last row"):
+        load_image(io.BytesIO(cut))
+
+
+def test_a_jpeg_without_its_end_marker_is_refused():
+    raw = _jpeg(Image.fromarray(_photo()), quality=90)
+    with pytest.raises(ValueError, match="truncated JPEG: the file ends before its end-of-image marker"):
+        load_image(io.BytesIO(raw[: len(raw) // 2]))
+
+
+def test_a_header_claiming_8192_squared_over_64_squared_of_data_is_refused_before_decoding(monkeypatch):
+    raw = bytearray(_jpeg(Image.fromarray(_photo()[:64, :64]), quality=90))
+    sof = raw.index(b"\xff\xc0")
+    raw[sof + 5 : sof + 9] = (8192).to_bytes(2, "big") * 2  # height, width
+    with Image.open(io.BytesIO(bytes(raw))) as im:
+        assert im.size == (8192, 8192)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded a lying JPEG"))
+    with pytest.raises(ValueError, match="declares 1,572,864 blocks of 8x8 pixels but it holds"):
+        load_image(io.BytesIO(bytes(raw)))
+
+
+def test_a_refused_jpeg_in_a_folder_is_skipped_with_its_reason(tmp_path):
+    raw = _jpeg(Image.fromarray(_photo()), quality=90)
+    (tmp_path / "cut.jpg").write_bytes(raw[: len(raw) // 10] + b"\xff\xd9")
+    (tmp_path / "ok.jpg").write_bytes(raw)
+    items = ImageFolder(tmp_path)
+    assert items[1]["error"] is None
+    assert items[0]["pixels"] is None and "cut.jpg: truncated JPEG" in items[0]["error"]
+
+
+def test_arithmetic_coded_jpegs_are_refused():
+    raw = bytearray(_jpeg(Image.fromarray(_photo()[:64, :64]), quality=90))
+    raw[raw.index(b"\xff\xc0") + 1] = 0xC9  # SOF9: arithmetic coding
+    with pytest.raises(ValueError, match="arithmetic-coded JPEG"):
+        load_image(io.BytesIO(bytes(raw)))
+
+
+def test_load_truncated_images_is_refused_as_the_callers_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(ValueError, match="LOAD_TRUNCATED_IMAGES is True"):
+        ImageFolder(tmp_path)
+
+
+def test_a_5000_digit_limit_in_the_environment_names_the_variable(monkeypatch):
+    monkeypatch.setenv("VIT_VQ_MAX_IMAGE_PIXELS", "9" * 5000)
+    with pytest.raises(ValueError) as caught:
+        load_image(io.BytesIO(b"x"))
+    message = str(caught.value)
+    assert "VIT_VQ_MAX_IMAGE_PIXELS" in message and "5000 digits" in message and "\n" not in message
+    assert "Exceeds the limit" not in message
+
+
+@pytest.mark.parametrize(
+    "image, reason",
+    [
+        (np.zeros((60000, 1, 3), dtype=np.uint8), "1x60000 px, an aspect ratio above the limit of 32:1"),
+        (torch.zeros(3, 2, 20000), "20000x2 px, an aspect ratio above"),
+        (Image.new("RGB", (20000, 2)), "20000x2 px, an aspect ratio above"),
+        (np.zeros((300, 300), dtype=np.uint8), "300x300 px = 90,000 pixels, above the limit of 80,000"),
+    ],
+    ids=["array-strip", "tensor-strip", "pil-strip", "too-many-pixels"],
+)
+def test_in_memory_images_have_the_file_limits(image, reason, monkeypatch):
+    monkeypatch.setenv("VIT_VQ_MAX_IMAGE_PIXELS", "80000")
+    with pytest.raises(ValueError, match=reason):
+        preprocess(image, 32)
+
+
+def test_tokenize_batch_reports_oversized_in_memory_images_per_row(tiny_tokenizer_dir):
+    from vit_vq.pipeline import TokenizeBatch
+
+    ok = np.zeros((40, 40, 3), dtype=np.uint8)
+    rows = [ok, np.zeros((60000, 1, 3), np.uint8), Image.new("RGB", (20000, 2))]
+    out = TokenizeBatch(str(tiny_tokenizer_dir), device="cpu")({"image": rows})
+    assert out["ok"].tolist() == [True, False, False]
+    assert "aspect ratio above the limit of 32:1" in out["error"][1] and "20000x2 px" in out["error"][2]
+
+
+def test_a_signed_8_bit_tiff_is_read_as_signed():
+    tifffile = pytest.importorskip("tifffile")
+    out = io.BytesIO()
+    tifffile.imwrite(out, np.array([[-5, 100], [3, 127]], dtype=np.int8))
+    with pytest.raises(ValueError, match="non-negative pixels in a signed 8-bit image, got a minimum of -5"):
+        load_image(io.BytesIO(out.getvalue()))
+    out = io.BytesIO()
+    tifffile.imwrite(out, np.array([[0, 127]], dtype=np.int8))
+    assert load_image(io.BytesIO(out.getvalue()))[0].tolist() == [[0.0, 1.0]]
