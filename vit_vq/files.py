@@ -32,7 +32,8 @@ import stat
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -91,6 +92,75 @@ def regular_file_size(path: str | Path) -> int:
     """The size of `path`, which must be a regular, readable file (see `open_regular` for the errors)."""
     with open_regular(path) as f:
         return os.fstat(f.fileno()).st_size
+
+
+_SNAPSHOT_TRIES = 20
+_PROC_FD = Path("/proc/self/fd")
+
+
+@contextmanager
+def open_snapshot(folder: str | Path, names: Sequence[str]) -> Iterator[dict[str, Path]]:
+    """Open the files `names` of `folder` as one state of the folder, even while saves replace it.
+
+    Saves replace a folder whole (the folder swap), never a file in it. So the folder is opened
+    once, as a directory descriptor, and every file is opened relative to it: all from the same
+    generation. A file gone because a swap deleted that generation meanwhile means "open the
+    folder again" (up to 20 tries). Yields `{name: path}` where each path reads the opened file
+    (`/proc/self/fd/N` on Linux; elsewhere the plain path, which is then best effort).
+
+    Raises:
+        FileNotFoundError: a file is missing from the folder as it stands.
+        NotRegularFileError: a file (links followed) is not a regular file.
+        PermissionError: a file cannot be read.
+    """
+    folder = Path(folder)
+    for attempt in range(_SNAPSHOT_TRIES):
+        fds: dict[str, int] = {}
+        try:
+            dir_fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            if attempt + 1 < _SNAPSHOT_TRIES:  # between the two renames of a swap
+                time.sleep(_POLL_S[0])
+                continue
+            raise
+        try:
+            for name in names:
+                fds[name] = _open_in(dir_fd, folder, name)
+        except FileNotFoundError:
+            for fd in fds.values():
+                os.close(fd)
+            if attempt + 1 < _SNAPSHOT_TRIES and folder.is_dir() and all((folder / n).exists() for n in names):
+                continue  # this generation was deleted by a newer save: take the newer one
+            raise FileNotFoundError(f"{folder / name} does not exist (or is a link to nothing)") from None
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        finally:
+            os.close(dir_fd)
+        try:
+            yield {n: (_PROC_FD / str(fd) if _PROC_FD.is_dir() else folder / n) for n, fd in fds.items()}
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return
+
+
+def _open_in(dir_fd: int, folder: Path, name: str) -> int:
+    """A read-only descriptor of the regular file `name` inside the directory `dir_fd` (links followed)."""
+    kind = file_kind(os.stat(name, dir_fd=dir_fd).st_mode)  # before opening: opening a device can act on it
+    if kind is not None:
+        raise NotRegularFileError(folder / name, kind, os.path.islink(folder / name))
+    try:
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0), dir_fd=dir_fd)
+    except PermissionError:
+        raise PermissionError(f"cannot read {folder / name}: permission denied") from None
+    kind = file_kind(os.fstat(fd).st_mode)
+    if kind is not None:
+        os.close(fd)
+        raise NotRegularFileError(folder / name, kind, os.path.islink(folder / name))
+    os.set_blocking(fd, True)
+    return fd
 
 
 def read_json_file(path: Path) -> Any:
@@ -425,7 +495,7 @@ def swap_in(tmp: Path, directory: Path) -> None:
 
 
 __all__ = [
-    "NotRegularFileError", "open_regular", "regular_file_size", "file_kind", "read_json_file",
+    "NotRegularFileError", "open_regular", "regular_file_size", "open_snapshot", "file_kind", "read_json_file",
     "read_umask", "atomic_write", "atomic_write_json", "fsync_folder",
     "FolderLock", "FolderInUseError",
     "stem", "sibling", "swap_lock", "real_folder", "remove", "has_leftovers", "lost_to_a_crash",

@@ -19,6 +19,8 @@ Nothing is unpickled: only `model.safetensors` is read.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +29,14 @@ from torch import nn
 
 from . import hub, json_fields
 from .config import ViTVQConfig
-from .files import NotRegularFileError, lost_to_a_crash, open_regular, recover, regular_file_size
+from .files import NotRegularFileError, lost_to_a_crash, open_regular, open_snapshot, recover, regular_file_size
 from .hub import MAX_LISTED, listing
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_MESSAGE_CHARS = 500
 DEPTH_KEYS = {"encoder_depth": "encoder.transformer.blocks.", "decoder_depth": "decoder.transformer.blocks."}
 
-def check_regular_file(path: Path) -> int:
+def check_regular_file(path: Path, *, via: Path | None = None) -> int:
     """The size of `path`, which must be a regular, readable file (checked without opening a FIFO).
 
     Raises:
@@ -43,22 +45,22 @@ def check_regular_file(path: Path) -> int:
         PermissionError: it cannot be read.
     """
     try:
-        return regular_file_size(path)
+        return regular_file_size(via or path)
     except NotRegularFileError as err:
         raise ValueError(f"{path} is {err.kind}; vit_vq reads tokenizer files only from regular files") from None
 
 
-def read_config(path: Path) -> ViTVQConfig:
+def read_config(path: Path, *, via: Path | None = None) -> ViTVQConfig:
     """Parse and validate `config.json` (through `vit_vq.json_fields`, as codes metadata is).
 
     Raises:
         ValueError: too large, not UTF-8 JSON, nested too deeply, not an object, or a field of the
             wrong type or out of bounds (the message names the file and the field).
     """
-    size = check_regular_file(path)
+    size = check_regular_file(path, via=via)
     if size > MAX_CONFIG_BYTES:
         raise ValueError(f"{path} is {size} bytes; a vit_vq config.json is under {MAX_CONFIG_BYTES} bytes")
-    with open_regular(path) as f:
+    with open_regular(via or path) as f:
         data = json_fields.parse(f.read(MAX_CONFIG_BYTES + 1), source=str(path), max_chars=MAX_CONFIG_BYTES)
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
@@ -73,7 +75,7 @@ def _short(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     return message if len(message) <= limit else f"{message[:limit]}... ({len(message)} characters)"
 
 
-def read_header(path: Path) -> dict[str, tuple[int, ...]]:
+def read_header(path: Path, *, via: Path | None = None) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from the safetensors header; no tensor data is read.
 
     Raises:
@@ -82,9 +84,9 @@ def read_header(path: Path) -> dict[str, tuple[int, ...]]:
     """
     from safetensors import SafetensorError, safe_open
 
-    size = check_regular_file(path)
+    size = check_regular_file(path, via=via)
     try:
-        with safe_open(path, framework="pt") as f:
+        with safe_open(via or path, framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise ValueError(f"{path} ({size} bytes) is truncated or corrupted and cannot be read as safetensors: {err}") from None
@@ -133,7 +135,7 @@ def mismatch(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, 
         raise ValueError(f"the weights in {source} do not match its config: " + "; ".join(parts))
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, *, via: Path | None = None) -> dict[str, torch.Tensor]:
     """Load a safetensors file on the CPU, as stored (see `cast_to_model` for the value checks).
 
     Raises:
@@ -143,9 +145,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    size = check_regular_file(path)
+    size = check_regular_file(path, via=via)
     try:
-        return load_file(path, device="cpu")
+        return load_file(via or path, device="cpu")
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise ValueError(f"{path} ({size} bytes) is truncated or corrupted and cannot be read as safetensors: {err}") from None
 
@@ -241,6 +243,21 @@ def resolve_for_loading(name: str | Path, **hub_kwargs: Any) -> tuple[Path, Path
     return config_path, weights_path
 
 
+@contextmanager
+def open_model_files(config_path: Path, weights_path: Path) -> Iterator[tuple[Path, Path]]:
+    """Paths that read `config.json` and `model.safetensors` from one save of their folder (`files.open_snapshot`):
+    a load racing a save never combines one save's config with another's weights."""
+    folder = config_path.parent
+    if weights_path.parent != folder:
+        yield config_path, weights_path
+        return
+    try:
+        with open_snapshot(folder, (config_path.name, weights_path.name)) as opened:
+            yield opened[config_path.name], opened[weights_path.name]
+    except NotRegularFileError as err:
+        raise ValueError(f"{err.path} is {err.kind}; vit_vq reads tokenizer files only from regular files") from None
+
+
 def load_pretrained(
     cls: type[nn.Module], name: str | Path, *, map_location: str | torch.device = "cpu",
     torch_dtype: torch.dtype | None = None, **hub_kwargs: Any,
@@ -253,9 +270,10 @@ def load_pretrained(
     if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
         raise ValueError(f"torch_dtype must be a floating torch.dtype such as torch.bfloat16, got {torch_dtype!r}")
     config_path, weights_path = resolve_for_loading(name, **hub_kwargs)
-    config = read_config(config_path)
-    check_header(cls, config, read_header(weights_path), weights_path)
-    state = read_weights(weights_path)
+    with open_model_files(config_path, weights_path) as (config_via, weights_via):
+        config = read_config(config_path, via=config_via)
+        check_header(cls, config, read_header(weights_path, via=weights_via), weights_path)
+        state = read_weights(weights_path, via=weights_via)
     model = cls(config)
     load_state_strict(model, state, weights_path)
     model = model.to(map_location).eval()

@@ -185,6 +185,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("restart_pool", torch.zeros(restart_pool_size, Dm), persistent=False)
         self.register_buffer("restart_pool_len", torch.zeros((), dtype=torch.int64), persistent=False)
         self._kmeans_samples: list[torch.Tensor] = []
+        self._update_total = 0.0  # latents in the latest update_codebook() (the absolute rule's unit)
 
     _FP32_STATE = ("embed", "ema_count", "ema_sum", "acc_count", "acc_sum", "restart_pool")
 
@@ -296,10 +297,19 @@ class VectorQuantizer(nn.Module):
 
     def dead_level(self) -> torch.Tensor:
         """The usage EMA below which a code is dead: `dead_code_threshold` times the mean code's
-        usage (relative rule), or `dead_code_threshold` latents per update (absolute rule)."""
+        usage (relative rule), or `dead_code_threshold` latents per update (absolute rule).
+
+        The usage EMA starts at zero, so in its first ~1/(1 - ema_decay) updates it undercounts
+        every code. The absolute rule reads it in latents per update without that bias: a code's
+        share of the EMA times the latents of the latest update (constant-size updates give
+        exactly the bias-corrected EMA). Read raw, every code would be dead for ~70 updates.
+        """
         threshold = self.config.dead_code_threshold
         if self.config.dead_code_rule == "relative":
             return threshold * self.ema_count.mean()
+        total = self.ema_count.sum()
+        if self._update_total > 0 and float(total) > 0:
+            return threshold * total / self._update_total
         return torch.tensor(threshold, device=self.ema_count.device)
 
     def dead_mask(self) -> torch.Tensor:
@@ -338,9 +348,8 @@ class VectorQuantizer(nn.Module):
         distributed.all_reduce_sum_(self.acc_count, self.acc_sum)
         if float(self.acc_count.sum()) == 0:
             return
-        # The first update takes the batch's statistics whole: an EMA warmed up from zero would
-        # put every count below an absolute dead-code threshold for its first ~1/(1-decay) updates.
-        decay = cfg.ema_decay if float(self.ema_count.sum()) > 0 else 0.0
+        self._update_total = float(self.acc_count.sum())  # latents this update, on every rank
+        decay = cfg.ema_decay
         self.ema_count.lerp_(self.acc_count, 1 - decay)
         if cfg.use_ema:
             self.ema_sum.lerp_(self.acc_sum, 1 - decay)
