@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,7 +131,8 @@ def _bad_inputs(tmp_path, photo_dir, model):
     out = tmp_path / "c.safetensors"
     return [
         (["encode", tmp_path / "missing.png", "-o", out, "--model", model], "no such file or folder"),
-        (["encode", text, "-o", out, "--model", model], "notes.png: not a readable image"),
+        (["encode", text, "-o", out, "--model", model, "--strict"], "notes.png: not a readable image"),
+        (["encode", text, "-o", out, "--model", model], "none of the 1 input images could be read"),
         (["encode", photo_dir, "-o", out, "--model", no_weights], "has no model.safetensors"),
         (["encode", photo_dir, "-o", tmp_path / "c.bin", "--model", model], "must end in .safetensors"),
         (["encode", photo_dir, "-o", out, "--model", tmp_path / "missing_model"], "no such folder: .*missing_model"),
@@ -192,3 +194,43 @@ def test_decode_refuses_codes_from_other_weights(capsys, tmp_path, photo_dir, ti
     tok.save_pretrained(model)
     code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "out", "--model", model)
     assert code == 2 and "weights changed since encoding" in err
+
+
+def test_encode_and_reconstruct_skip_an_unreadable_file_and_report_it(capsys, tmp_path, photo_dir, tiny_tokenizer_dir):
+    """One text file named .png in a folder of photos: coded around, reported; --strict stops (issue 19, point 6)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(photo_dir, data)
+    (data / "notes.png").write_text("this is not an image")
+    good = list_images(photo_dir)
+    model = ["--model", tiny_tokenizer_dir]
+    codes = tmp_path / "c.safetensors"
+    code, _, err = run_cli(capsys, "encode", data, "-o", codes, *model, *FAST)
+    assert code == 0, err
+    assert "skipped" in err and "notes.png: not a readable image" in err
+    loaded = load_codes(codes)
+    assert len(loaded.names) == len(good) and "notes.png" not in loaded.names
+    expected = ViTVQTokenizer.from_pretrained(tiny_tokenizer_dir).encode(
+        ViTVQTokenizer.from_pretrained(tiny_tokenizer_dir).preprocess([load_image(data / n) for n in loaded.names]))
+    assert torch.equal(loaded.codes, expected)  # the rest coded as if the bad file were not there
+    out = tmp_path / "side"
+    code, stdout, err = run_cli(capsys, "reconstruct", data, "-o", out, *model, *FAST)
+    assert code == 0 and "notes.png: not a readable image" in err, err
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+    assert written == sorted(str(Path(n).with_suffix(".png")) for n in loaded.names)
+    code, _, err = run_cli(capsys, "encode", data, "-o", tmp_path / "strict.safetensors", *model, "--strict", *FAST)
+    assert code == 2 and "notes.png: not a readable image" in err
+    assert not (tmp_path / "strict.safetensors").exists()
+
+
+def test_an_unwritable_output_fails_before_any_work(capsys, tmp_path, photo_dir, tiny_tokenizer_dir, monkeypatch):
+    import vit_vq.cli.encode as encode_cmd
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    called = []
+    monkeypatch.setattr(encode_cmd, "setup_model", lambda *a, **k: called.append(1))
+    code, _, err = run_cli(capsys, "encode", photo_dir, "-o", blocker / "sub" / "c.safetensors", "--model",
+                           tiny_tokenizer_dir, *FAST)
+    assert code == 2 and "cannot write the codes file into" in err and called == []

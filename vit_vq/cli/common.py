@@ -145,33 +145,50 @@ def input_images(paths: list[str], output_dir: Path | None = None) -> FileImages
     return images
 
 
-def strict_image_batches(
+def add_strict_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--strict", action="store_true",
+        help="stop at the first unreadable image (default: skip it, report it at the end, code the rest)",
+    )
+
+
+def image_batches(
     images: FileImages, tok: ViTVQTokenizer, args: argparse.Namespace, desc: str
 ) -> Iterator[dict[str, Any]]:
     """Batches of `images` (see `input_images`) at the model's resolution.
 
-    Every image must be readable (and of the model's size under `--resize none`).
+    An unreadable image (or a wrong-size one under `--resize none`) is skipped and reported on
+    stderr at the end, like `tokenize` does; with `--strict` it stops the command instead.
     Prints the resize notice at the end.
 
     Raises:
-        CLIError: an unreadable image, or a wrong-size one under `--resize none`.
+        CLIError: under `--strict`, an unreadable image; always, when no image at all could be read.
     """
     size = tok.config.image_size
     dataset = ModelSizedImages(images, size, args.resize)
-    resized = 0
+    resized, coded, skipped = 0, 0, []
     bar = progress(None, len(dataset), desc)
     try:
         for batch in loader(dataset, args, device_of(tok)):
-            if batch["skipped"]:
+            if batch["skipped"] and getattr(args, "strict", True):
                 bad = batch["skipped"][0]
                 more = f" (and {len(batch['skipped']) - 1} more in this batch)" if len(batch["skipped"]) > 1 else ""
                 raise CLIError(f"{bad['reason']}{more}")
+            skipped += batch["skipped"]
             resized += batch["resized"]
-            bar.update(len(batch["keys"]))
-            yield batch
+            bar.update(len(batch["keys"]) + len(batch["skipped"]))
+            if batch["keys"]:
+                coded += len(batch["keys"])
+                yield batch
     finally:
         bar.close()
-    notice = resize_notice(resized, len(dataset), size)
+    for item in skipped[:10]:
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    if len(skipped) > 10:
+        print(f"... and {len(skipped) - 10} more skipped", file=sys.stderr)
+    if not coded:
+        raise CLIError(f"none of the {len(dataset)} input images could be read (see the reasons above)")
+    notice = resize_notice(resized, coded, size)
     if notice:
         print(notice, file=sys.stderr)
 
@@ -199,6 +216,22 @@ def refuse_existing(targets: Iterable[Path], overwrite: bool) -> None:
             f"refusing to overwrite {str(existing[0])!r}{others}, which this run did not create; "
             "pass --overwrite to replace it, or choose another output"
         )
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Fail before any work when nothing can be written into `folder` (created if missing).
+
+    Raises:
+        CLIError: the folder cannot be created, or a file cannot be created in it.
+    """
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".vit_vq-write-test-"):
+            pass
+    except OSError as err:
+        raise CLIError(f"cannot write {what} into {str(folder)!r} ({err.strerror or err}); choose another output") from None
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -263,9 +296,11 @@ __all__ = [
     "loader",
     "progress",
     "input_images",
-    "strict_image_batches",
+    "image_batches",
+    "add_strict_arg",
     "add_overwrite_arg",
     "refuse_existing",
+    "check_writable",
     "to_uint8",
     "save_png",
     "image_grid",

@@ -19,6 +19,7 @@ from ..registry import bundled_hint, bundled_name_for_id
 from .common import (
     add_model_args,
     add_overwrite_arg,
+    check_writable,
     device_of,
     output_names,
     progress,
@@ -108,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             f"decoder weights {info.decoder_hash}: the weights changed since encoding; decode with the model that "
             f"encoded them{bundled_hint(codes.model.config_hash, codes.model.decoder_hash, info.model_id)}"
         )
+    check_writable(out, "the decoded images")
     device = device_of(tok)
     bar = progress(None, len(paths), "decode")
     for start in range(0, len(paths), args.batch_size):

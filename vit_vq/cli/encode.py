@@ -19,11 +19,13 @@ from .common import (
     add_model_args,
     add_overwrite_arg,
     add_resize_arg,
+    add_strict_arg,
+    check_writable,
     device_of,
+    image_batches,
     input_images,
     refuse_existing,
     setup_model,
-    strict_image_batches,
 )
 from .main import CLIError
 
@@ -38,6 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_overwrite_arg(p)
     add_model_args(p)
     add_resize_arg(p)
+    add_strict_arg(p)
     p.set_defaults(func=run)
 
 
@@ -48,11 +51,12 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise CLIError(f"-o {args.output} is a folder; name a .safetensors file")
     refuse_existing([out], args.overwrite)
+    check_writable(out.parent, "the codes file")
     images = input_images(args.inputs)
     tok, info = setup_model(args)
     device = device_of(tok)
     codes, names = [], []
-    for batch in strict_image_batches(images, tok, args, desc="encode"):
+    for batch in image_batches(images, tok, args, desc="encode"):
         codes.append(tok.encode(batch["pixels"].to(device, non_blocking=True)).cpu())  # (b, h, w)
         names += batch["keys"]
     all_codes = torch.cat(codes)  # (N, h, w)

@@ -20,13 +20,15 @@ from .common import (
     add_model_args,
     add_overwrite_arg,
     add_resize_arg,
+    add_strict_arg,
+    check_writable,
     device_of,
+    image_batches,
     input_images,
     output_names,
     refuse_existing,
     save_png,
     setup_model,
-    strict_image_batches,
 )
 from .main import CLIError
 
@@ -41,6 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_overwrite_arg(p)
     add_model_args(p)
     add_resize_arg(p)
+    add_strict_arg(p)
     p.set_defaults(func=run)
 
 
@@ -54,15 +57,17 @@ def run(args: argparse.Namespace) -> int:
     images = input_images(args.inputs, output_dir=None if single_file else out)
     all_targets = [out] if single_file else [out / p for p in output_names(images.keys)]
     refuse_existing(all_targets, args.overwrite)
+    target_of = dict(zip(images.keys, all_targets, strict=True))
+    check_writable(out.parent if single_file else out, "the PNGs")  # skipped images leave their target unused
     tok, _ = setup_model(args)
     device = device_of(tok)
     scores: list[tuple[str, float]] = []
-    for batch in strict_image_batches(images, tok, args, desc="reconstruct"):
+    for batch in image_batches(images, tok, args, desc="reconstruct"):
         x = batch["pixels"].to(device)  # (b, 3, S, S)
         recon = tok.decode(tok.encode(x)).float()  # (b, 3, S, S)
         values = psnr(recon, x.float()).tolist()
         pairs = torch.cat([x.float(), recon], dim=3)  # (b, 3, S, 2S): original | reconstruction
-        targets = all_targets[len(scores) : len(scores) + len(values)]
+        targets = [target_of[key] for key in batch["keys"]]
         for pair, target, key, value in zip(pairs, targets, batch["keys"], values, strict=True):
             save_png(pair, target, overwrite=args.overwrite)
             scores.append((key, value))
