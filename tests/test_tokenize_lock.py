@@ -175,3 +175,27 @@ def test_lock_file_names_pid_and_dies_with_the_process(tmp_path):
     with FolderLock(tmp_path) as lock:
         assert lock.previous_run == "abc"
     assert [p.name for p in tmp_path.iterdir()] == [".vit_vq-tokenize.lock"]
+
+
+def test_outputs_inside_the_data_are_left_out_of_every_later_run(capsys, tmp_path, photo_dir, tiny_tokenizer_dir):
+    """A tokenize --out inside the data is marked; encode, a later tokenize with another --out, and the
+    training listing never read it back as (unreadable) inputs (issue 19, point 10)."""
+    from vit_vq.data import list_images
+    from vit_vq.files import OUTPUT_MARKER
+
+    inside = photo_dir / "tokens"
+    assert main(tokenize_argv(photo_dir, inside, tiny_tokenizer_dir)) == 0
+    assert (inside / OUTPUT_MARKER).is_file()
+    photos = list_images(photo_dir, include_all_files=True)
+    assert photos and not any(p.is_relative_to(inside) for p in photos)
+    capsys.readouterr()
+    other = tmp_path / "other"
+    assert main(tokenize_argv(photo_dir, other, tiny_tokenizer_dir)) == 0
+    manifest = load_manifest(other)
+    assert manifest["num_inputs"] == 6 and manifest["skipped"] == [], manifest["skipped"][:2]
+    assert main(["encode", str(photo_dir), "-o", str(tmp_path / "c.safetensors"), "--model", str(tiny_tokenizer_dir),
+                 "--num-workers", "0", "--device", "cpu"]) == 0
+    assert "skipped" not in capsys.readouterr().err
+    # an earlier version's tokenize folder (a lock file, no marker) is recognised too
+    (inside / OUTPUT_MARKER).unlink()
+    assert not any(p.is_relative_to(inside) for p in list_images(photo_dir, include_all_files=True))

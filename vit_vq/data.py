@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .files import NotRegularFileError, open_regular
+from .files import NotRegularFileError, is_output, open_regular
 from .hub import looks_local
 from .preprocess import check_image_size, image_limits, to_tensor
 
@@ -76,6 +76,8 @@ def list_images(root: str | Path, *, include_all_files: bool = False) -> list[Pa
     silently ignored; without it, entries with an image extension are, whatever their type.
     A subfolder that cannot be read is listed too (loading it raises a `ValueError` that
     says why), so that no image is skipped unseen. Symlinked folders are not followed.
+    Folders that vit_vq wrote its outputs into (`files.is_output`: a tokenize `--out` or a
+    train `--output` inside the data) are left out, on every run.
 
     Raises:
         FileNotFoundError: `root` does not exist.
@@ -87,6 +89,9 @@ def list_images(root: str | Path, *, include_all_files: bool = False) -> list[Pa
         return [root]
     found: list[Path] = []
     for folder, subfolders, names in os.walk(root, onerror=lambda err: found.append(Path(err.filename))):
+        if folder != str(root) and is_output(Path(folder), names):
+            subfolders[:] = []
+            continue
         subfolders[:] = [d for d in subfolders if not d.startswith(".")]
         for name in names:  # every entry but folders (and links to folders): loading says what is wrong
             if not name.startswith(".") and (include_all_files or Path(name).suffix.lower() in IMAGE_EXTENSIONS):

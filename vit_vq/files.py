@@ -176,6 +176,26 @@ def read_json_file(path: Path) -> Any:
         return None
 
 
+# -- output folders ---------------------------------------------------------------------------------------
+OUTPUT_MARKER = ".vit_vq-output"  # in every folder a tokenize or train run writes: never read back as input
+LEGACY_MARKERS = (".vit_vq-tokenize.lock",)  # tokenize folders of earlier versions
+
+
+def mark_output(folder: Path, what: str) -> None:
+    """Mark `folder` as a vit_vq output, so that image listings leave it out (e.g. when it lies inside the data)."""
+    marker = folder / OUTPUT_MARKER
+    if not os.path.lexists(marker):
+        atomic_write(marker, lambda tmp: tmp.write_text(f"written by {what}; vit_vq never reads this folder as input\n"))
+
+
+def is_output(folder: Path, names: Sequence[str] | None = None) -> bool:
+    """Whether `folder` holds a vit_vq output marker (`names`: its entries, when already listed)."""
+    markers = (OUTPUT_MARKER, *LEGACY_MARKERS)
+    if names is not None:
+        return any(m in names for m in markers)
+    return any(os.path.lexists(folder / m) for m in markers)
+
+
 # -- writing ------------------------------------------------------------------------------------------
 _UMASK_LINE = re.compile(rb"^Umask:\s*([0-7]+)\s*$", re.MULTILINE)
 

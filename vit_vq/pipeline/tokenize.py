@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from ..data import open_image_source
-from ..files import FolderInUseError, FolderLock, read_json_file
+from ..files import FolderInUseError, FolderLock, mark_output, read_json_file
 from ..fingerprint import files_stat_fingerprint, inputs_fingerprint, text_digest
 from ..tokenizer import ViTVQTokenizer
 from .codes import smallest_uint_dtype, to_storage
@@ -253,6 +253,8 @@ def tokenize_dataset(
     out = Path(opts.out).expanduser()
     source = _open_source(opts, out)
     out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        mark_output(out, "vit-vq tokenize")
     with _locked(out, rank, world_size) as (lock, previous_run):
         run = _run_fingerprint(opts, info, source)
         run_digest = _digest(run)
