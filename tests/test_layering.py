@@ -254,3 +254,13 @@ def test_imports_go_one_way():
         pytest.skip("the shared import-graph tool is not beside this checkout")
     out = subprocess.run([sys.executable, str(tool), str(ROOT / "vit_vq")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "0 cycle(s), 0 upward import(s)" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_revision_for_a_bundled_name_is_refused_not_ignored(capsys, tmp_path, photo_dir):
+    from vit_vq.cli.main import main
+
+    with pytest.raises(ValueError, match=r"vit_vq:default is bundled with the package and has no revisions, got revision 'v2'"):
+        ViTVQTokenizer.from_pretrained("vit_vq:default", revision="v2")
+    code = main(["encode", str(photo_dir), "-o", str(tmp_path / "c.safetensors"), "--revision", "main",
+                 "--num-workers", "0", "--device", "cpu"])
+    assert code == 2 and "has no revisions" in capsys.readouterr().err

@@ -128,9 +128,15 @@ def resolve_files(
     Raises:
         FileNotFoundError: no such folder, or a Hub repo, revision or
             file that cannot be found (online, or in the cache when offline); the message names it.
-        ValueError: an unknown `vit_vq:` name, a path that is not a folder, or an invalid Hub id.
+        ValueError: an unknown `vit_vq:` name or a revision for one, a path that is not a folder, or an
+            invalid Hub id.
     """
     where = resolve_model_name(name_or_path)
+    if revision is not None and isinstance(name_or_path, str) and is_bundled_name(name_or_path):
+        raise ValueError(
+            f"{name_or_path} is bundled with the package and has no revisions, got revision {revision!r}; "
+            "a bundled model's versions are separate names (vit_vq:default-v1, ...)"
+        )
     if isinstance(where, Path):
         if not where.exists():
             raise FileNotFoundError(

@@ -68,7 +68,7 @@ def load_model(name: str | None, revision: str | None = None) -> ViTVQTokenizer:
         FileNotFoundError / ValueError: a missing local folder, one without weights, bad weights.
     """
     if name is None:
-        return ViTVQTokenizer.default()
+        return ViTVQTokenizer.from_pretrained(DEFAULT_MODEL, revision=revision)
     try:
         return load_tokenizer(name, revision=revision)
     except (FileNotFoundError, ValueError, TypeError):

@@ -65,8 +65,20 @@ def checkpoints_dir(output: str | Path) -> Path:
     return Path(output).expanduser().absolute() / "checkpoints"
 
 
+WEIGHTS_NAME = "model.safetensors"  # what accelerate's save_state writes for the model (safe_serialization)
+
+
+def missing_files(folder: Path) -> list[str]:
+    """What a checkpoint folder lacks to be resumed from: the trainer state, or the model weights."""
+    return [name for name in (STATE_NAME, WEIGHTS_NAME) if not (folder / name).is_file()]
+
+
 def list_checkpoints(output: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints `(step, folder)`, oldest first."""
+    """Complete checkpoints `(step, folder)`, oldest first.
+
+    A folder without its trainer state or its weights (copied in part, or damaged) is not one:
+    `--resume latest` then falls back to the newest complete checkpoint before it.
+    """
     root = checkpoints_dir(output)
     if not root.is_dir():
         return []
@@ -74,6 +86,9 @@ def list_checkpoints(output: str | Path) -> list[tuple[int, Path]]:
     for p in root.iterdir():
         suffix = p.name.removeprefix(PREFIX)
         if p.name.startswith(PREFIX) and suffix.isascii() and suffix.isdigit() and (p / STATE_NAME).is_file():
+            if missing := missing_files(p):
+                logger.warning("skipping %s: it has no %s", p, " or ".join(missing))
+                continue
             found.append((int(suffix), p))
     return sorted(found)
 
@@ -104,8 +119,8 @@ def resolve_resume(output: str | Path, resume: str) -> Path | None:
             f"from this run's own folder {str(root)!r}; copy a checkpoint you trust there, or use --init to "
             "fine-tune from exported weights"
         )
-    if not (path / STATE_NAME).is_file():
-        raise FileNotFoundError(f"{str(path)!r} is not a complete checkpoint (no {STATE_NAME})")
+    if missing := missing_files(path):
+        raise FileNotFoundError(f"{str(path)!r} is not a complete checkpoint (no {' or '.join(missing)})")
     return path
 
 
