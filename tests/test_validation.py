@@ -5,6 +5,11 @@ import torch
 
 from vit_vq import ViTVQConfig, ViTVQTokenizer
 
+OVER_BUDGET = (  # one line, naming the request and the budget
+    r"^a 4x4100 px image \(1x1025 patches of 4 px\) is 1025 tokens, "
+    r"above this tokenizer's budget of 1024 tokens per image \(ViTVQConfig.max_tokens\)$"
+)
+
 
 @pytest.fixture(scope="module")
 def tok():
@@ -14,9 +19,11 @@ def tok():
 @pytest.mark.parametrize(
     "images, error, match",
     [
-        (torch.rand(3, 32, 32), ValueError, r"expected images of shape \[B, 3, 32, 32\], got \(3, 32, 32\) \(rank 3\)"),
+        (torch.rand(3, 32, 32), ValueError, r"shape \[B, 3, H, W\] with H and W multiples of 4, got \(3, 32, 32\) \(rank 3\)"),
         (torch.rand(2, 1, 32, 32), ValueError, r"expected 3 channels .* got \(2, 1, 32, 32\)"),
-        (torch.rand(2, 3, 64, 64), ValueError, r"expected images of shape \[B, 3, 32, 32\], got \(2, 3, 64, 64\).*preprocess"),
+        (torch.rand(2, 3, 30, 32), ValueError, r"multiples of 4, got \(2, 3, 30, 32\).*preprocess"),
+        (torch.rand(2, 3, 32, 2), ValueError, r"multiples of 4, got \(2, 3, 32, 2\)"),
+        (torch.rand(1, 3, 4, 4 * 1025), ValueError, OVER_BUDGET),
         (torch.randint(0, 9, (2, 3, 32, 32), dtype=torch.int32), TypeError, r"float images in \[0, 1\] or uint8 .* torch\.int32"),
         (torch.full((1, 3, 32, 32), float("nan")), ValueError, "NaN or Inf"),
         (torch.full((1, 3, 32, 32), float("inf")), ValueError, "NaN or Inf"),
@@ -45,8 +52,9 @@ def test_single_nan_among_valid_pixels_is_caught(tok):
         (torch.full((1, 8, 8), 256), ValueError, r"code indices must be in \[0, 256\), got values in \[256, 256\]"),
         (torch.full((1, 8, 8), -1), ValueError, r"must be in \[0, 256\), got values in \[-1, -1\]"),
         (torch.zeros(1, 8, 8), TypeError, r"integer code indices .* torch\.float32"),
-        (torch.zeros(1, 7, 7, dtype=torch.long), ValueError, r"shape \[B, 8, 8\] or \[B, 64\], got \(1, 7, 7\)"),
-        (torch.zeros(1, 63, dtype=torch.long), ValueError, r"\[B, 64\], got \(1, 63\)"),
+        (torch.zeros(1, 0, 7, dtype=torch.long), ValueError, r"a 0x7 code grid has no tokens"),
+        (torch.zeros(1, 1, 1025, dtype=torch.long), ValueError, r"^a 1x1025 code grid is 1025 tokens, above .* 1024"),
+        (torch.zeros(1, 63, dtype=torch.long), ValueError, r"\[B, h, w\], or \[B, 64\] for the native 8x8 grid, got \(1, 63\)"),
         (torch.zeros(64, dtype=torch.long), ValueError, r"got \(64,\)"),
     ],
 )

@@ -54,6 +54,8 @@ FLOAT_RANGES: dict[str, tuple[float, float]] = {
 DecoderHead = Literal["pixel_shuffle", "conv_upsample"]
 QuantizerGradient = Literal["ste", "rotation"]
 DeadCodeRule = Literal["relative", "absolute"]
+PositionEmbedding = Literal["learned", "rope2d"]
+DEFAULT_TOKEN_BUDGET = 16  # max_tokens left at None: this many times num_tokens per image
 
 
 @dataclass
@@ -87,6 +89,12 @@ class ViTVQConfig:
     # "pixel_shuffle": per-token linear -> patch pixels (+ 3x3 conv), the head of every checkpoint
     # made before this field existed; "conv_upsample": adds a convolutional upsampling branch (see decoder.py)
     decoder_head: DecoderHead = "pixel_shuffle"
+    # "learned": absolute embeddings on the native grid, resampled bicubically to other grids (every checkpoint
+    # made before this field existed); "rope2d": axial 2D rotary embeddings on q and k in every attention layer
+    position_embedding: PositionEmbedding = "learned"
+    # tokens per image encode/decode accept (grids of any shape up to it): the bound on activation memory per
+    # image (docs/security.md); None is DEFAULT_TOKEN_BUDGET * num_tokens
+    max_tokens: int | None = None
     # codebook
     codebook_size: int = 8192
     codebook_dim: int = 32
@@ -193,10 +201,26 @@ class ViTVQConfig:
                 f"must be a power of two, got {self.patch_size}"
             )
         options = (("quantizer_gradient", QuantizerGradient), ("dead_code_rule", DeadCodeRule),
-                   ("pixel_convention", PixelConvention))  # fmt: skip
+                   ("pixel_convention", PixelConvention), ("position_embedding", PositionEmbedding))  # fmt: skip
         for name, kind in options:
             if getattr(self, name) not in get_args(kind):
                 raise ValueError(f"{name} must be one of {get_args(kind)}, got {getattr(self, name)!r}")
+        if self.position_embedding == "rope2d":
+            for part in ("encoder", "decoder"):
+                head_dim = getattr(self, f"{part}_width") // getattr(self, f"{part}_heads")
+                if head_dim % 4:
+                    raise ValueError(
+                        f"position_embedding 'rope2d' rotates pairs of channels along rows and along columns, so the "
+                        f"{part} head width ({part}_width / {part}_heads = {head_dim}) must be a multiple of 4"
+                    )
+        if self.max_tokens is not None:
+            if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool):
+                raise ValueError(f"ViTVQConfig.max_tokens must be a positive int or null, got {self.max_tokens!r}")
+            if not self.num_tokens <= self.max_tokens <= MAX_GRID_SIZE**2:
+                raise ValueError(
+                    f"max_tokens must be in [num_tokens = {self.num_tokens}, {MAX_GRID_SIZE**2}] "
+                    f"(vit_vq.config.MAX_GRID_SIZE ** 2), got {self.max_tokens}"
+                )
 
     # -- derived ---------------------------------------------------------------------
     @property
@@ -206,8 +230,16 @@ class ViTVQConfig:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens per image: `grid_size ** 2`."""
+        """Tokens per image at the native size: `grid_size ** 2`."""
         return self.grid_size**2
+
+    @property
+    def token_budget(self) -> int:
+        """Most tokens per image `encode`/`decode` accept: `max_tokens`, else `DEFAULT_TOKEN_BUDGET * num_tokens`
+        (at most `MAX_GRID_SIZE ** 2`)."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return min(DEFAULT_TOKEN_BUDGET * self.num_tokens, MAX_GRID_SIZE**2)
 
     # -- serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -246,8 +278,9 @@ class ViTVQConfig:
     def config_hash(self) -> str:
         """A short, stable hash of the architecture fields (not the library version).
 
-        `decoder_head` enters only when it is not `"pixel_shuffle"`, so configs written before
-        the field existed keep their hash (codes files record it and decoding checks it).
+        `decoder_head` enters only when it is not `"pixel_shuffle"` (`position_embedding` only when not
+        `"learned"`), so configs written before the field existed keep their hash (codes files record it
+        and decoding checks it). `max_tokens` never enters: it bounds requests, not what codes mean.
         """
         fields = dataclasses.asdict(self)
         if fields["decoder_head"] == "pixel_shuffle":
@@ -255,6 +288,9 @@ class ViTVQConfig:
         del fields["quantizer_gradient"]  # training only: the same weights give the same codes either way
         if fields["dead_code_rule"] == "relative":
             del fields["dead_code_rule"]
+        if fields["position_embedding"] == "learned":
+            del fields["position_embedding"]
+        del fields["max_tokens"]  # a bound on requests: the same weights give the same codes under any budget
         payload = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()[:16]
 
@@ -306,5 +342,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 __all__ = [
     "ViTVQConfig", "PRESETS", "FORMAT_VERSION", "PixelConvention", "DecoderHead", "QuantizerGradient", "DeadCodeRule",
+    "PositionEmbedding", "DEFAULT_TOKEN_BUDGET",
     "MAX_SIZES", "MAX_GRID_SIZE", "MAX_CODEBOOK_ELEMENTS", "MAX_MLP_RATIO", "FLOAT_RANGES",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .config import ViTVQConfig
-from .layers import interpolate_pos_embed
+from .layers import resample_pos_embed
 
 # our name inside block i -> candidate HF names (5.x first, then 4.x)
 _BLOCK_KEYS: dict[str, tuple[str, ...]] = {
@@ -42,9 +42,14 @@ def config_from_hf(hf_config: Any, base: ViTVQConfig) -> ViTVQConfig:
     """`base` with the encoder fields taken from a HF `ViTConfig`.
 
     Raises:
-        ValueError: when the patch sizes differ, or the checkpoint uses an activation or
-            layout this ViT does not implement.
+        ValueError: when the patch sizes differ, `base` asks for 2D RoPE (a HF ViT's positions are
+            learned), or the checkpoint uses an activation or layout this ViT does not implement.
     """
+    if base.position_embedding != "learned":
+        raise ValueError(
+            f"a Hugging Face ViT carries learned absolute position embeddings, but the config asks for "
+            f"position_embedding={base.position_embedding!r}; use position_embedding='learned'"
+        )
     if hf_config.patch_size != base.patch_size:
         raise ValueError(
             f"the pretrained ViT uses patch_size={hf_config.patch_size} but the config asks for "
@@ -83,7 +88,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], config: ViTVQConfig) -> d
         "patch_embed.bias": state["embeddings.patch_embeddings.projection.bias"],
         "cls_token": state["embeddings.cls_token"],
         "cls_pos_embed": pos[:, :1],
-        "pos_embed": interpolate_pos_embed(pos[:, 1:], config.grid_size),
+        "pos_embed": resample_pos_embed(pos[:, 1:], (config.grid_size, config.grid_size)),
         "transformer.norm.weight": state["layernorm.weight"],
         "transformer.norm.bias": state["layernorm.bias"],
     }

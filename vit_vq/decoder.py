@@ -29,7 +29,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import ViTVQConfig
-from .layers import Transformer, init_weights
+from .layers import PositionCache, Rope2D, Transformer, init_weights
 
 
 class ResBlock(nn.Module):
@@ -52,7 +52,7 @@ def upsample_channels(config: ViTVQConfig) -> list[int]:
 
 
 class ConvUpsample(nn.Module):
-    """Token features `[B, W, g, g]` -> pixels `[B, C, g*p, g*p]` through `log2(p)` 2x upsamplings."""
+    """Token features `[B, W, h, w]` -> pixels `[B, C, h*p, w*p]` through `log2(p)` 2x upsamplings."""
 
     def __init__(self, config: ViTVQConfig) -> None:
         super().__init__()
@@ -66,7 +66,7 @@ class ConvUpsample(nn.Module):
         nn.init.zeros_(self.to_rgb.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # (B, c0, g, g)
+        x = self.proj(x)  # (B, c0, h, w)
         first_res = len(self.ups) - len(self.res)
         for i, up in enumerate(self.ups):
             x = F.silu(up(F.interpolate(x, scale_factor=2.0, mode="nearest")))  # (B, c_i+1, 2h, 2w)
@@ -76,9 +76,10 @@ class ConvUpsample(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Code vectors `[B, h*w, codebook_dim]` -> normalised pixels `[B, C, H, W]`.
+    """Code vectors `[B, h*w, codebook_dim]` on a grid `(h, w)` -> normalised pixels `[B, C, h*p, w*p]`.
 
-    The head is `config.decoder_head` (see the module docstring). State-dict keys of the
+    Positions follow `config.position_embedding` (as in the encoder). The head is
+    `config.decoder_head` (see the module docstring). State-dict keys of the
     `pixel_shuffle` head (`to_pixels`, `refine`) are the same in both heads; `conv_upsample`
     adds `upsample.*`.
     """
@@ -88,24 +89,34 @@ class Decoder(nn.Module):
         self.config = config
         W, p, C = config.decoder_width, config.patch_size, config.in_channels
         self.from_code = nn.Linear(config.codebook_dim, W)
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, W))
+        self.rope = Rope2D(W // config.decoder_heads) if config.position_embedding == "rope2d" else None
+        if self.rope is None:
+            self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, W))
+            self.positions = PositionCache()
         self.transformer = Transformer(W, config.decoder_depth, config.decoder_heads, config.mlp_ratio, config.layer_norm_eps)
         self.to_pixels = nn.Linear(W, p * p * C)
         self.refine = nn.Conv2d(C, C, 3, padding=1)
         init_weights(self)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.rope is None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.zeros_(self.refine.weight)
         nn.init.zeros_(self.refine.bias)
         self.upsample = ConvUpsample(config) if config.decoder_head == "conv_upsample" else None
 
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        g, p = self.config.grid_size, self.config.patch_size
-        h = self.transformer(self.from_code(codes) + self.pos_embed)  # (B, h*w, W)
+    def forward(self, codes: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """`codes` `[B, h*w, D]`, row-major on `grid = (h, w)` (default: the native square grid)."""
+        p = self.config.patch_size
+        gh, gw = grid if grid is not None else (self.config.grid_size, self.config.grid_size)
+        x = self.from_code(codes)  # (B, h*w, W)
+        if self.rope is None:
+            x = x + self.positions(self.pos_embed, (gh, gw))
+        rope = self.rope((gh, gw), device=x.device) if self.rope is not None else None
+        h = self.transformer(x, rope)  # (B, h*w, W)
         x = self.to_pixels(h)  # (B, h*w, p*p*C)
-        x = rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=g, w=g, p1=p, p2=p)  # (B, C, H, W)
+        x = rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=gh, w=gw, p1=p, p2=p)  # (B, C, H, W)
         x = x + self.refine(x)
         if self.upsample is not None:
-            x = x + self.upsample(rearrange(h, "b (h w) c -> b c h w", h=g, w=g))  # (B, C, H, W)
+            x = x + self.upsample(rearrange(h, "b (h w) c -> b c h w", h=gh, w=gw))  # (B, C, H, W)
         return x
 
 

@@ -1,4 +1,5 @@
-"""Turn PIL images, numpy arrays and tensors into a `[B, 3, S, S]` float batch in [0, 1].
+"""Turn PIL images, numpy arrays and tensors into float batches in [0, 1]: `[B, 3, S, S]` crops, or
+whole images at their own aspect ratio (`resize="native"` / `"budget"`, see `preprocess`).
 
 Pixels are read exactly: integer images are divided by the largest value of their type
 (or of the file's bit depth), float images must already be in [0, 1], EXIF orientation
@@ -7,8 +8,9 @@ is applied, and layouts that could be read two ways are refused instead of guess
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -35,6 +37,9 @@ CHANNELS = (1, 3, 4)
 # the largest value of each accepted integer dtype: pixels are divided by it
 INT_PEAKS = {torch.uint8: 255, torch.uint16: 2**16 - 1, torch.uint32: 2**32 - 1}
 LAYOUTS = "[H, W], [C, H, W] or [H, W, C] with C in (1, 3, 4) at exactly one end"
+# "crop": center-crop the largest square, resize it to S x S; "native": keep the aspect ratio, short
+# side to S; "budget": keep the aspect ratio, the largest size whose token count fits a budget
+ResizeMode = Literal["crop", "native", "budget"]
 
 
 def image_limits() -> tuple[int, int]:
@@ -240,13 +245,82 @@ def resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     return image.clamp(0, 1)
 
 
-def preprocess(images: Any, size: int) -> torch.Tensor:
-    """PIL image(s), numpy array(s), tensors or a list of them -> float `[B, 3, size, size]` in [0, 1].
+def _round_to(x: float, step: int) -> int:
+    """`x` rounded half up to a multiple of `step`, at least `step`."""
+    return max(step, math.floor(x / step + 0.5) * step)
+
+
+def native_size(height: int, width: int, short_side: int, patch_size: int) -> tuple[int, int]:
+    """`(H, W)` of a `height` x `width` image scaled so its short side is `short_side`, each side then
+    rounded to the nearest multiple of `patch_size` (at least one patch).
 
     Raises:
-        ValueError: no images; an image beyond the pixel or aspect limits (`check_image_size`),
-            or one `to_tensor` refuses. TypeError: see `to_tensor`.
+        ValueError: a side or size that is not positive.
     """
+    if min(height, width, short_side, patch_size) < 1:
+        raise ValueError(f"cannot size a {height}x{width} image to short side {short_side} in patches of {patch_size}")
+    scale = short_side / min(height, width)
+    return _round_to(height * scale, patch_size), _round_to(width * scale, patch_size)
+
+
+def budget_size(height: int, width: int, max_tokens: int, patch_size: int) -> tuple[int, int]:
+    """`(H, W)`, multiples of `patch_size`, of the largest image with the aspect ratio of `height` x `width`
+    (its long side rounded to the nearest patch) whose token count `(H / p) * (W / p)` is at most `max_tokens`.
+
+    Raises:
+        ValueError: a side or budget that is not positive.
+    """
+    if min(height, width, max_tokens, patch_size) < 1:
+        raise ValueError(f"cannot size a {height}x{width} image to {max_tokens} tokens in patches of {patch_size}")
+    ratio = max(height, width) / min(height, width)
+    short = math.isqrt(max(1, math.floor(max_tokens / ratio))) + 1  # one above the real-valued optimum
+    while short > 1 and short * max(1, math.floor(short * ratio + 0.5)) > max_tokens:
+        short -= 1
+    long = min(max(1, math.floor(short * ratio + 0.5)), max_tokens // short)
+    h, w = (short, long) if height <= width else (long, short)
+    return h * patch_size, w * patch_size
+
+
+def resize_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`[C, H, W]` -> `[C, *size]`, whole (bicubic, antialiased), clamped to [0, 1]."""
+    if tuple(image.shape[1:]) != tuple(size):
+        image = F.interpolate(image[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+    return image.clamp(0, 1)
+
+
+def preprocess(
+    images: Any,
+    size: int,
+    *,
+    resize: ResizeMode = "crop",
+    patch_size: int = 1,
+    max_tokens: int | None = None,
+) -> torch.Tensor | list[torch.Tensor]:
+    """PIL image(s), numpy array(s), tensors or a list of them -> float images in [0, 1].
+
+    Args:
+        size: the side of the square (`"crop"`) or the short side (`"native"`), rounded to a
+            multiple of `patch_size`.
+        resize: `"crop"`: center-crop the largest square and resize it to `size` x `size`.
+            `"native"`: keep the aspect ratio (`native_size`). `"budget"`: keep the aspect ratio at
+            the largest size of at most `max_tokens` patches (`budget_size`; `size` unused).
+        patch_size: sides come out as multiples of it.
+        max_tokens: the budget of `"budget"` (required there, refused elsewhere).
+
+    Returns:
+        `[B, 3, H, W]` when every image comes out the same shape, else a list of `[3, H, W]`.
+
+    Raises:
+        ValueError: no images; an unknown `resize`, or `max_tokens` given or missing against it; an
+            image beyond the pixel or aspect limits (`check_image_size`), or one `to_tensor` refuses.
+        TypeError: see `to_tensor`.
+    """
+    if resize not in ("crop", "native", "budget"):
+        raise ValueError(f"resize must be 'crop', 'native' or 'budget', got {resize!r}")
+    if (max_tokens is not None) != (resize == "budget"):
+        raise ValueError(
+            f"max_tokens goes with resize='budget' (and only there), got resize={resize!r}, max_tokens={max_tokens!r}"
+        )
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         items = list(images)
     elif isinstance(images, np.ndarray) and images.ndim == 4:
@@ -257,4 +331,17 @@ def preprocess(images: Any, size: int) -> torch.Tensor:
         items = [images]
     if not items:
         raise ValueError("preprocess got an empty list of images")
-    return torch.stack([resize_center_crop(to_tensor(x), size) for x in items])
+    side = _round_to(size, patch_size)
+    out = []
+    for item in items:
+        t = to_tensor(item)
+        H, W = t.shape[1:]
+        if resize == "crop":
+            out.append(resize_center_crop(t, side))
+        elif resize == "native":
+            out.append(resize_to(t, native_size(H, W, side, patch_size)))
+        else:
+            out.append(resize_to(t, budget_size(H, W, max_tokens, patch_size)))
+    if all(t.shape == out[0].shape for t in out):
+        return torch.stack(out)
+    return out
