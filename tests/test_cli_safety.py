@@ -250,9 +250,10 @@ def test_resume_latest_refuses_a_checkpoint_linked_from_outside_the_run(tmp_path
 
     run, elsewhere = tmp_path / "run", tmp_path / "downloaded" / "checkpoint-9"
     elsewhere.mkdir(parents=True)
-    (elsewhere / STATE_NAME).write_text("{}")
     (checkpoints_dir(run) / "checkpoint-2").mkdir(parents=True)
-    (checkpoints_dir(run) / "checkpoint-2" / STATE_NAME).write_text("{}")
+    for folder in (elsewhere, checkpoints_dir(run) / "checkpoint-2"):  # complete: trainer state and weights
+        (folder / STATE_NAME).write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"weights")
     assert resolve_resume(run, "latest") == checkpoints_dir(run) / "checkpoint-2"
     (checkpoints_dir(run) / "checkpoint-9").symlink_to(elsewhere, target_is_directory=True)
     with pytest.raises(ValueError, match="refusing to resume from .*checkpoint-9.*a link to"):
