@@ -162,3 +162,35 @@ def test_a_signed_8_bit_tiff_is_read_as_signed():
     out = io.BytesIO()
     tifffile.imwrite(out, np.array([[0, 127]], dtype=np.int8))
     assert load_image(io.BytesIO(out.getvalue()))[0].tolist() == [[0.0, 1.0]]
+
+
+def test_an_image_that_decodes_too_long_is_that_images_error(tmp_path, monkeypatch):
+    """Any format that finds a way to be slow: the alarm turns it into a ValueError (issue 19, point 1)."""
+    import time
+
+    import vit_vq.data as data
+
+    path = tmp_path / "slow.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+
+    def slow_decode(f):
+        time.sleep(30)  # interrupted by the alarm long before it ends
+        raise AssertionError("the alarm did not fire")
+
+    monkeypatch.setattr(data, "_decode", slow_decode)
+    monkeypatch.setattr(data, "DECODE_TIMEOUT_S", 1)
+    with pytest.raises(ValueError, match=r"slow.png: took more than 1 s to decode \(vit_vq.data.DECODE_TIMEOUT_S"):
+        data.load_image(path)
+    monkeypatch.setattr(data, "_decode", lambda f: torch.zeros(3, 8, 8))
+    assert data.load_image(path).shape == (3, 8, 8)  # the alarm is off again: no stray SIGALRM later
+    time.sleep(1.2)
+
+
+def test_a_malformed_decode_timeout_names_the_variable(tmp_path, monkeypatch):
+    import vit_vq.data as data
+
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    monkeypatch.setenv("VIT_VQ_DECODE_TIMEOUT_S", "9" * 5000)
+    with pytest.raises(ValueError, match="VIT_VQ_DECODE_TIMEOUT_S"):
+        data.load_image(path)

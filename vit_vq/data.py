@@ -8,16 +8,20 @@ corrupt file is skipped and counted instead of killing a long job.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
+from . import json_fields
 from .files import NotRegularFileError, is_output, open_regular
 from .hub import looks_local
 from .preprocess import check_image_size, image_limits, to_tensor
@@ -48,6 +52,53 @@ def max_jpeg_scans(pixels: int) -> int:
     return max(MIN_JPEG_SCANS, min(MAX_JPEG_SCANS, JPEG_SCAN_PIXEL_BUDGET // max(pixels, 1)))
 
 
+DEFAULT_DECODE_TIMEOUT_S = 60  # far above a legitimate image at the pixel limit (~1-3 s), far below a stall
+DECODE_TIMEOUT_S: int | None = None  # set to override VIT_VQ_DECODE_TIMEOUT_S and the default; 0 turns it off
+
+
+def decode_timeout() -> int:
+    """Seconds one image may take to decode: `DECODE_TIMEOUT_S`, else `VIT_VQ_DECODE_TIMEOUT_S`, else 60 (0: none).
+
+    Raises:
+        ValueError: a malformed environment variable (naming it).
+    """
+    if DECODE_TIMEOUT_S is not None:
+        return DECODE_TIMEOUT_S
+    text = os.environ.get("VIT_VQ_DECODE_TIMEOUT_S", "")
+    if not text.strip():
+        return DEFAULT_DECODE_TIMEOUT_S
+    return json_fields.integer_text(text, source="the environment variable", key="VIT_VQ_DECODE_TIMEOUT_S", low=0,
+                                    high=10**6)
+
+
+class _DecodeTimeout(Exception):
+    """Raised by the alarm inside a decode that ran out of time (never escapes `load_image`)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int) -> Iterator[None]:
+    """Raise `_DecodeTimeout` in this thread after `seconds` of wall-clock time (main thread, POSIX only).
+
+    Pipeline workers (DataLoader processes, the CLI) decode in their main thread, so a file that
+    finds a way to be slow becomes that image's error, not the job's stall. Elsewhere (threads,
+    Windows) there is no alarm to use and the limit does not apply; the structural limits still do.
+    """
+    if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise _DecodeTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def check_settings() -> None:
     """Raise if the settings images are loaded under are wrong (called before any image is read).
 
@@ -58,6 +109,7 @@ def check_settings() -> None:
     from PIL import ImageFile
 
     image_limits()
+    decode_timeout()
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise ValueError(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images would load with their missing "
@@ -105,7 +157,8 @@ def load_image(path: str | Path | io.BytesIO) -> torch.Tensor:
     Only regular files are opened (links are followed): a FIFO, socket or device is refused
     unopened, since reading it could block forever or never end. The size is checked from
     the header before any pixel is decoded (`check_image_size`); only `IMAGE_FORMATS` are
-    opened; running out of memory is this image's error.
+    opened; running out of memory, or taking longer than `decode_timeout()` seconds (in a
+    main thread on POSIX, as in pipeline workers), is this image's error.
 
     Raises:
         ValueError: the file is not a readable image, not a regular file, empty, or too large
@@ -115,15 +168,22 @@ def load_image(path: str | Path | io.BytesIO) -> torch.Tensor:
 
     name = "image bytes" if isinstance(path, io.BytesIO) else str(path)
     check_settings()  # a malformed environment variable is the caller's error, whatever the file
+    limit = decode_timeout()
     try:
-        if isinstance(path, io.BytesIO):
-            if path.seek(0, io.SEEK_END) == 0:
-                raise ValueError("empty image bytes")
-            return _decode(path)
-        with _open_regular_file(Path(path)) as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                raise ValueError("an empty file")
-            return _decode(f)
+        with _time_limit(limit):
+            if isinstance(path, io.BytesIO):
+                if path.seek(0, io.SEEK_END) == 0:
+                    raise ValueError("empty image bytes")
+                return _decode(path)
+            with _open_regular_file(Path(path)) as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    raise ValueError("an empty file")
+                return _decode(f)
+    except _DecodeTimeout:
+        raise ValueError(
+            f"{name}: took more than {limit} s to decode (vit_vq.data.DECODE_TIMEOUT_S, or the "
+            "VIT_VQ_DECODE_TIMEOUT_S environment variable); refused as too costly"
+        ) from None
     except UnidentifiedImageError as err:  # its own message names the file object, not the file
         known = ", ".join(IMAGE_FORMATS)
         raise ValueError(f"{name}: not a readable image (UnidentifiedImageError: not identified as {known})") from err
