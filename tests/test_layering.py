@@ -199,6 +199,20 @@ def test_uint64_codes_beyond_the_codebook_are_reported_as_they_are(tmp_path, tin
         load_codes(bad)
 
 
+def test_extra_tensors_in_a_codes_file_are_refused(tmp_path, tiny_tokenizer_dir):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from vit_vq.pipeline import load_codes
+
+    path = _codes_file(tmp_path, tiny_tokenizer_dir)
+    with safe_open(str(path), framework="np") as f:
+        meta, codes = dict(f.metadata()), f.get_tensor("codes")
+    save_file({"codes": codes, "payload": np.zeros(3)}, str(tmp_path / "x.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="holds tensors other than 'codes' \\('payload'\\)"):
+        load_codes(tmp_path / "x.safetensors")
+
+
 def test_names_of_ints_fail_at_load_not_later_in_the_cli(tmp_path, tiny_tokenizer_dir, capsys):
     from vit_vq.cli.main import main
 

@@ -148,6 +148,9 @@ def load_codes(path: str | Path) -> CodesFile:
             meta = f.metadata() or {}
             if "codes" not in f.keys():
                 raise ValueError(f"{path} has no 'codes' tensor; it is not a vit_vq codes file (written by vit-vq encode)")
+            if extra := sorted(set(f.keys()) - {"codes"}):
+                raise ValueError(f"{path} holds tensors other than 'codes' ({', '.join(map(repr, extra[:5]))}); "
+                                 "a vit_vq codes file holds only its codes")
             array = f.get_tensor("codes")
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable safetensors codes file: {err}") from err
