@@ -1,4 +1,4 @@
-"""vit_vq: discrete image tokenizers (ViT encoder, vector quantizer, ViT decoder).
+"""vit_vq: discrete image tokenizers (ViT encoder; VQ, FSQ or LFQ quantizer; ViT decoder).
 
 `import vit_vq` is light: transformers, accelerate and triton are imported only where used.
 """
@@ -6,6 +6,8 @@
 __version__ = "0.2.0"
 
 from .config import PRESETS, ViTVQConfig
+from .fsq import FiniteScalarQuantizer
+from .lfq import LookupFreeQuantizer
 from .quantizer import QuantizerOutput, VectorQuantizer
 from .tokenizer import EncodeOutput, TokenizerOutput, ViTVQTokenizer
 
@@ -17,5 +19,7 @@ __all__ = [
     "TokenizerOutput",
     "EncodeOutput",
     "VectorQuantizer",
+    "FiniteScalarQuantizer",
+    "LookupFreeQuantizer",
     "QuantizerOutput",
 ]

@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .files import open_regular
@@ -59,7 +60,8 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def decoder_hash(model: nn.Module) -> str:
     """sha256 (16 hex) of the weights that turn codes into pixels, in a canonical form.
 
-    Covers `quantizer.embed` (the stored codebook, when the quantizer has one) and every `decoder.*`
+    Covers `quantizer.embed` (the stored codebook, when the quantizer has one), FSQ's `quantizer.levels`
+    (which define its implicit codebook; LFQ's is fixed by the decoder's input width) and every `decoder.*`
     tensor: for each, in name order, its name, its shape and its values as little-endian float32
     bytes. The hash does not depend on the device, and float32 holds every fp16/bf16 value exactly,
     so weights stored in fp16 and loaded into float32 hash the same as when loaded in fp16. Take it
@@ -69,6 +71,9 @@ def decoder_hash(model: nn.Module) -> str:
     embed = getattr(model.quantizer, "embed", None)
     if embed is not None:
         state["quantizer.embed"] = embed
+    levels = getattr(model.quantizer, "levels", None)
+    if isinstance(levels, torch.Tensor):  # FSQ's implicit codebook: [8, 6, 5] and [5, 6, 8] decode codes differently
+        state["quantizer.levels"] = levels
     digest = hashlib.sha256()
     for name, tensor in sorted(state.items()):
         values = tensor.detach().cpu()

@@ -15,6 +15,8 @@ from torch import nn
 from .config import PIXEL_STATS, ViTVQConfig
 from .decoder import Decoder
 from .encoder import Encoder
+from .fsq import FiniteScalarQuantizer
+from .lfq import LookupFreeQuantizer
 from .ops import LookupPrecision
 from .preprocess import ResizeMode
 from .preprocess import preprocess as _preprocess
@@ -51,6 +53,12 @@ class EncodeOutput:
     latents: torch.Tensor
 
 
+def build_quantizer(config: ViTVQConfig) -> VectorQuantizer | FiniteScalarQuantizer | LookupFreeQuantizer:
+    """The quantizer `config.quantizer` names: `"vq"`, `"fsq"` or `"lfq"`, built from the config."""
+    kinds = {"vq": VectorQuantizer, "fsq": FiniteScalarQuantizer, "lfq": LookupFreeQuantizer}
+    return kinds[config.quantizer](config)
+
+
 class ViTVQTokenizer(
     nn.Module,
     PyTorchModelHubMixin,
@@ -58,7 +66,7 @@ class ViTVQTokenizer(
     license="apache-2.0",
     tags=["vit_vq", "image-tokenizer", "vector-quantization"],
 ):
-    """A ViT-VQ image tokenizer: ViT encoder -> vector quantizer -> ViT decoder.
+    """A ViT-VQ image tokenizer: ViT encoder -> quantizer (`config.quantizer`: VQ, FSQ or LFQ) -> ViT decoder.
 
     Images are float `[B, 3, H, W]` in [0, 1], or uint8, with `H` and `W` multiples of the patch
     size `p` (the native size is `S x S`, `S = config.image_size`); codes are int64 `[B, H/p, W/p]`,
@@ -79,7 +87,7 @@ class ViTVQTokenizer(
             raise TypeError(f"expected a ViTVQConfig, got {type(config).__name__}")
         self.config = config
         self.encoder = Encoder(config)
-        self.quantizer = VectorQuantizer(config)
+        self.quantizer = build_quantizer(config)
         self.decoder = Decoder(config)
         mean, std = PIXEL_STATS[config.pixel_convention]
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)

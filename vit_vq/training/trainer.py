@@ -479,11 +479,13 @@ class Trainer:
     # -- checkpoints and export ------------------------------------------------------------
     def _save(self) -> None:
         q = self.unwrapped.quantizer
-        pool = {"recent": q.restart_pool, "recent_len": q.restart_pool_len}
+        rank_tensors = {}
+        if hasattr(q, "restart_pool"):  # VQ's recent latents; FSQ and LFQ keep no state
+            rank_tensors["quantizer_pool"] = {"recent": q.restart_pool, "recent_len": q.restart_pool_len}
         main = {EMA_NAME: self.ema.state_dict()} if self.ema is not None else {}
         self.state.skipped_keys = sorted(self._skipped)
         self._last_checkpoint = _save_checkpoint(
-            self.accelerator, self.output, self.state, rank_tensors={"quantizer_pool": pool}, main_tensors=main,
+            self.accelerator, self.output, self.state, rank_tensors=rank_tensors, main_tensors=main,
             keep=self.config.keep_checkpoints,
         )
 
