@@ -105,3 +105,22 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- rFID as published: torchmetrics on torch-fidelity's TF-Inception. Its weights cannot be downloaded
+# here, so the network is built locally with random weights (batch-norm scales raised so that the
+# features are O(1) rather than vanishing) and loaded through the real code path from a file. --------
+@pytest.fixture(scope="session")
+def tf_inception_file(tmp_path_factory):
+    from unittest import mock
+
+    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    pytest.importorskip("torchmetrics")
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])  # random init, nothing loaded
+    state = {k: v * 2.5 if k.endswith("bn.weight") else v for k, v in net.state_dict().items()}
+    path = tmp_path_factory.mktemp("fid") / "tf-inception-random.pth"
+    torch.save(state, path)
+    return path

@@ -79,11 +79,12 @@ def test_eval_rfid_when_features_are_available(capsys, tmp_path, photo_dir, tiny
     report = tmp_path / "m.json"
     code, out, err = run_eval(
         capsys, "--data", photo_dir, "--json", report, "--model", tiny_tokenizer_dir, "--limit", "5",
-        "--grid", tmp_path / "g.png",
+        "--grid", tmp_path / "g.png", "--fid-weights", tmp_path / "absent.pth",  # the TF-Inception one cannot be had
     )
     assert code == 0, err
     metrics = json.loads(report.read_text())
-    assert set(metrics) == KEYS | {"rfid"} and metrics["images"] == 5
+    assert set(metrics) == KEYS | {"rfid", "rfid_network"} and metrics["images"] == 5
+    assert metrics["rfid_network"] == "torchvision-inception" and "comparable within vit_vq only" in err
     assert "rFID" in out and "only 5 images" in err and (tmp_path / "g.png").is_file()
 
     tok = ViTVQTokenizer.from_pretrained(tiny_tokenizer_dir)
@@ -103,3 +104,27 @@ def test_eval_bad_input(capsys, tmp_path, tiny_tokenizer_dir):
     (empty / "a.txt").write_text("x")
     code, _, err = run_eval(capsys, "--data", empty, "--model", tiny_tokenizer_dir, "--grid", tmp_path / "g.png")
     assert code == 2 and "no readable images" in err
+
+
+def test_eval_rfid_as_published_through_torchmetrics(capsys, tmp_path, photo_dir, tiny_tokenizer_dir, tf_inception_file,
+                                                    monkeypatch):
+    """--fid-weights: torchmetrics' FID on torch-fidelity's TF-Inception (a local random-weight copy here; its
+    64-feature tap, so that the 2048 x 2048 eigen-solve does not cost minutes on a CPU)."""
+    import functools
+
+    import vit_vq.cli.eval as eval_cli
+    from vit_vq.metrics import PublishedFID
+
+    monkeypatch.setattr(eval_cli, "PublishedFID", functools.partial(PublishedFID, features=64))
+
+    report = tmp_path / "m.json"
+    code, out, err = run_eval(capsys, "--data", photo_dir, "--json", report, "--model", tiny_tokenizer_dir, "--limit", "2",
+                              "--fid-weights", tf_inception_file)
+    assert code == 0, err
+    metrics = json.loads(report.read_text())
+    assert metrics["rfid_network"] == "tf-inception" and "(tf-inception)" in out
+    tok = ViTVQTokenizer.from_pretrained(tiny_tokenizer_dir)
+    x = tok.preprocess([load_image(f) for f in list_images(photo_dir)[:2]])
+    fid = PublishedFID(tf_inception_file, features=64)
+    fid.update(x, tok.decode(tok.encode(x)))
+    assert metrics["rfid"] == pytest.approx(fid.compute(), rel=1e-5)

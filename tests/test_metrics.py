@@ -15,6 +15,7 @@ from vit_vq.metrics import (
     InceptionFeatures,
     MeanAccumulator,
     MetricUnavailable,
+    PublishedFID,
     frechet_distance,
     lpips_network,
     psnr,
@@ -132,3 +133,44 @@ def test_inception_features_from_local_file(tmp_path, single_thread):
     torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), path)
     feats = InceptionFeatures(path)(photo_crops(32, 2))
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
+
+
+def test_published_fid_matches_an_independent_frechet_distance_on_the_same_network(tf_inception_file, single_thread):
+    """The 64-feature tap of the same network keeps the matrices small (the 2048-d default costs minutes of
+    eigen-solving on a CPU); the code path is the same."""
+    from scipy.linalg import sqrtm
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    real = photo_crops(32, 4, seed=0)  # few images: every one costs an Inception pass at 299 px
+    fake = (real + 0.1 * torch.randn(real.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    fid = PublishedFID(tf_inception_file, features=64)
+    fid.update(real, fake)
+    assert fid.n == 4
+    value = fid.compute()
+
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["64"], feature_extractor_weights_path=str(tf_inception_file))
+    with torch.no_grad():  # the network takes 8-bit images, rounded from [0, 1]
+        a, b = (net((x * 255).round().to(torch.uint8))[0].double().numpy() for x in (real, fake))  # (4, 64)
+    assert np.abs(a).mean() > 0.1  # features of a usable size, so the comparison means something
+    # what was fed: each side's images, rounded to 8 bits (feature sums agree to float32 precision)
+    np.testing.assert_allclose(fid.metric.real_features_sum.numpy(), a.sum(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fid.metric.fake_features_sum.numpy(), b.sum(0), rtol=1e-5, atol=1e-5)
+    c1, c2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * sqrtm(c1 @ c2).real)
+    # torchmetrics takes the square root through the eigenvalues of a rank-deficient product (4 images,
+    # 64 features): a fraction of a percent from SciPy's sqrtm here
+    assert value == pytest.approx(expected, rel=1e-2) and value > 0.1
+
+
+def test_published_fid_needs_its_weights_and_refuses_pickled_objects(tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # an empty torch hub cache
+    pytest.importorskip("torchmetrics")
+    pytest.importorskip("torch_fidelity")
+    with pytest.raises(MetricUnavailable, match=r"no TF-Inception FID weights at .*weights-inception-2015-12-05.*download https"):
+        PublishedFID()
+    evil = tmp_path / "evil.pth"
+    torch.save({"x": torch.zeros(1), "lock": threading.Lock}, evil)
+    with pytest.raises(MetricUnavailable, match=r"weights_only=True"):
+        PublishedFID(evil)

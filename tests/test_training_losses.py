@@ -90,7 +90,7 @@ def test_vgg_weights_load_from_a_local_file(vgg_features, tmp_path, suffix, empt
     full["classifier.0.weight"] = torch.zeros(4, 4)
     path = tmp_path / f"vgg16{suffix}"
     save_file(full, path) if suffix == ".safetensors" else torch.save(full, path)
-    loss_fn = L.build_perceptual_loss(path, download_timeout=0)
+    loss_fn = L.build_perceptual_loss(path, download_timeout=0, kind="vgg")
     assert torch.equal(loss_fn.net.features[28].weight, full["features.28.weight"])
     assert torch.equal(loss_fn.net.features[0].bias, full["features.0.bias"])
 
@@ -143,7 +143,7 @@ def test_a_download_that_never_answers_gives_up_within_the_timeout(empty_torch_h
 
 
 def test_random_init_is_allowed_only_when_asked(empty_torch_hub):
-    loss_fn = L.build_perceptual_loss(None, download_timeout=0, allow_random_init=True)
+    loss_fn = L.build_perceptual_loss(None, download_timeout=0, allow_random_init=True, kind="vgg")
     assert isinstance(loss_fn, L.PerceptualLoss)
 
 
@@ -183,3 +183,57 @@ def test_discriminator_accepts_any_width(channels):
     from vit_vq.training.discriminator import _group_norm
 
     assert _group_norm(channels).num_channels == channels
+
+
+# -- LPIPS through the `lpips` package (its learned linear weights ship in its wheel; the VGG16
+# backbone is not available offline, so these tests build one locally with random weights) --------
+def _random_vgg16_file(tmp_path):
+    torch.manual_seed(1)
+    path = tmp_path / "vgg16-local.pth"
+    torch.save({f"features.{k}": v for k, v in L.vgg16_features().state_dict().items()}, path)
+    return path
+
+
+def test_lpips_loss_is_the_lpips_package_with_its_learned_weights_on_a_local_backbone(tmp_path):
+    import importlib.resources
+
+    lpips = pytest.importorskip("lpips")
+    path = _random_vgg16_file(tmp_path)
+    loss_fn = L.build_perceptual_loss(path, download_timeout=0, kind="lpips")
+    assert isinstance(loss_fn, L.LPIPSLoss) and loss_fn.kind == "lpips" and "LPIPS-VGG" in loss_fn.description
+
+    # the learned per-channel weights are the ones in the wheel, and they are not uniform
+    shipped = torch.load(importlib.resources.files("lpips") / "weights/v0.1/vgg.pth", map_location="cpu", weights_only=True)
+    lin0 = loss_fn.lpips.lin0.model[1].weight
+    assert torch.equal(lin0, shipped["lin0.model.1.weight"]) and lin0.std() > 0
+
+    # an independent LPIPS: the package's module, its backbone loaded layer by layer from the file
+    state = torch.load(path, weights_only=True)
+    ref = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
+    for part in (ref.net.slice1, ref.net.slice2, ref.net.slice3, ref.net.slice4, ref.net.slice5):
+        for name, layer in part.named_children():
+            layer.load_state_dict({k: state[f"features.{name}.{k}"] for k in layer.state_dict()})
+    gen = torch.Generator().manual_seed(0)
+    target, recon = torch.rand(3, 3, 48, 48, generator=gen), torch.rand(3, 3, 48, 48, generator=gen)
+    recon.requires_grad_(True)
+    value = loss_fn(recon, target)
+    with torch.no_grad():
+        expected = ref(recon * 2 - 1, target * 2 - 1).mean()  # LPIPS takes [-1, 1]
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    value.backward()
+    assert recon.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in loss_fn.parameters())
+    assert float(loss_fn(target, target)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_auto_picks_lpips_when_the_package_is_installed_else_the_vgg_loss(tmp_path, monkeypatch):
+    import importlib.util
+
+    pytest.importorskip("lpips")
+    assert L.perceptual_kind("auto") == "lpips" and L.perceptual_kind("vgg") == "vgg"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lpips" else real(name, *a))
+    assert L.perceptual_kind("auto") == "vgg"
+    assert isinstance(L.build_perceptual_loss(_random_vgg16_file(tmp_path), download_timeout=0), L.PerceptualLoss)
+    with pytest.raises(ModuleNotFoundError, match=r"needs the `lpips` package \(pip install lpips\)"):
+        L.perceptual_kind("lpips")

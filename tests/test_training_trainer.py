@@ -306,3 +306,19 @@ def test_ddp_gets_no_deprecated_buffer_argument():
             ddp(torch.randn(4, 3))
         finally:
             dist.destroy_process_group()
+
+
+def test_the_log_names_the_perceptual_loss_in_use(tmp_path, train_photo_dir, caplog):
+    """LPIPS through the `lpips` package on a locally saved VGG16 (random weights: the pretrained backbone
+    cannot be downloaded here), selected by the config and named in the first log line."""
+    pytest.importorskip("lpips")
+    torch.manual_seed(0)
+    vgg = tmp_path / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in vgg16_features().state_dict().items()}, vgg)
+    caplog.set_level(logging.INFO, logger="vit_vq")
+    cfg = make_config(tmp_path, train_photo_dir, max_steps=1, perceptual_weight=0.1, perceptual_weights_path=str(vgg),
+                      perceptual_loss="lpips", download_timeout=0)
+    result = Trainer(cfg).train()
+    assert result.history[-1]["perceptual"] > 0
+    header = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("model "))
+    assert "perceptual 0.1 (perceptual: LPIPS-VGG (lpips 0.1" in header, header

@@ -5,21 +5,28 @@ returns one value per image, so a caller can average over a data set however it 
 (`MeanAccumulator` averages per-image values). Accumulators keep their state on the
 device of the first update and sync to the host only when read.
 
-The network-based metrics (LPIPS, rFID) need pretrained weights. `inception_features`
-and `lpips_network` load them only from local files and raise `MetricUnavailable`
-with the reason otherwise; they never download.
+The network-based metrics (LPIPS, rFID) need pretrained weights. `PublishedFID`,
+`InceptionFeatures` and `lpips_network` load them only from local files and raise
+`MetricUnavailable` with the reason otherwise; they never download. `PublishedFID` (torchmetrics
+on torch-fidelity's TF-Inception, the network of published FIDs; `pip install 'vit_vq[metrics]'`)
+gives rFIDs comparable with papers; `InceptionFeatures` (torchvision's Inception-v3) only with
+other runs of this library.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 INCEPTION_WEIGHTS = "inception_v3_google-0cc3c7bd.pth"  # torchvision's ImageNet Inception-v3
+# torch-fidelity's port of the TF Inception used by pytorch-fid and published FIDs, as torch.hub caches it
+FID_INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+FID_INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{FID_INCEPTION_WEIGHTS}"
 LPIPS_BACKBONES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
 
 
@@ -289,6 +296,77 @@ class InceptionFeatures(nn.Module):
         return self.net(x * 2 - 1)  # (B, 2048)
 
 
+class PublishedFID:
+    """rFID as papers compute it: torchmetrics' `FrechetInceptionDistance` (2048 pool3 features of
+    torch-fidelity's TF-Inception, the network of `pytorch-fid`), from a local weights file.
+
+    Args:
+        weights: the TF-Inception state dict (`weights-inception-2015-12-05-6726825d.pth`); default:
+            that file in the torch hub cache (`$TORCH_HOME/hub/checkpoints`), where torch-fidelity puts it.
+        features: the feature tap: 2048 (pool3, what FID means) or one of torchmetrics' smaller
+            ones (64, 192, 768), whose numbers are not comparable with published FIDs.
+
+    `update(real, fake)` takes float image batches `[B, 3, H, W]` in [0, 1]; they are rounded to
+    8 bits (the network takes uint8 and resizes to 299 px itself, with the original's TF1-style
+    bilinear resize rather than torchmetrics' default antialiased one). `compute()` gives the distance.
+
+    Raises:
+        MetricUnavailable: torchmetrics or torch-fidelity not installed, or no weights file, or a
+            file that is not a plain state dict of tensors.
+    """
+
+    description = "torchmetrics FID on torch-fidelity's TF-Inception (comparable with published FIDs)"
+
+    def __init__(self, weights: str | Path | None = None, *, features: Literal[64, 192, 768, 2048] = 2048) -> None:
+        if features not in (64, 192, 768, 2048):
+            raise ValueError(f"features must be one of (64, 192, 768, 2048), got {features!r}")
+        try:
+            import torch_fidelity  # noqa: F401  (torchmetrics' FID network)
+            from torchmetrics.image.fid import FrechetInceptionDistance
+        except ImportError as err:
+            raise MetricUnavailable(f"{err.name} is not installed (pip install 'vit_vq[metrics]')") from err
+        path = Path(weights).expanduser() if weights else hub_checkpoint(FID_INCEPTION_WEIGHTS)
+        if not path.is_file():
+            raise MetricUnavailable(f"no TF-Inception FID weights at {path} (download {FID_INCEPTION_URL} there)")
+        try:  # torch-fidelity reads the file with full unpickling: check it holds only tensors first
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # any unpickling failure means "not a plain state dict"
+            raise MetricUnavailable(f"{path} is not a state dict readable with torch.load(weights_only=True): {err}") from err
+        if not isinstance(state, dict):
+            raise MetricUnavailable(f"{path} holds a {type(state).__name__}, expected the TF-Inception state dict")
+        try:
+            # antialias=False: the TF1-style bilinear resize of the original (torch-fidelity, pytorch-fid);
+            # torchmetrics' default antialiased resize gives other features, hence other FIDs
+            self.metric = FrechetInceptionDistance(feature=features, feature_extractor_weights_path=str(path), antialias=False)
+        except (RuntimeError, KeyError) as err:
+            raise MetricUnavailable(f"{path} does not hold torch-fidelity's TF-Inception weights: {str(err)[:200]}") from err
+
+    def to(self, device: torch.device | str) -> PublishedFID:
+        self.metric = self.metric.to(device)
+        return self
+
+    @property
+    def n(self) -> int:
+        """Images added so far (on each side)."""
+        return int(self.metric.real_features_num_samples)
+
+    @torch.inference_mode()
+    def update(self, real: torch.Tensor, fake: torch.Tensor) -> None:
+        _check_pair(real, fake)
+        for images, is_real in ((real, True), (fake, False)):
+            self.metric.update((images.float().clamp(0, 1) * 255).round().to(torch.uint8), real=is_real)
+
+    def compute(self) -> float:
+        """The Frechet distance between the two sets' features.
+
+        Raises:
+            ValueError: fewer than two images.
+        """
+        if self.n < 2:
+            raise ValueError(f"need at least 2 images for a Frechet distance, got {self.n}")
+        return float(self.metric.compute())
+
+
 def lpips_network(net: str = "alex") -> nn.Module:
     """The `lpips` package's LPIPS metric with `net` (`alex` or `vgg`), loaded from local files only.
 
@@ -319,6 +397,7 @@ __all__ = [
     "FeatureStatistics",
     "frechet_distance",
     "InceptionFeatures",
+    "PublishedFID",
     "lpips_network",
     "MetricUnavailable",
     "hub_checkpoint",

@@ -6,9 +6,11 @@ Reports, over every readable image at the model's resolution (in [0, 1]):
 - `perplexity`: `exp` of the entropy of the code frequencies over the whole set;
 - `images` and `images_per_second` (encode + decode time on the device; the first batch
   is left out of the timing when there are several, so compilation is not counted);
-- `lpips` and `rfid`, only when their network weights are available locally.
+- `lpips` and `rfid`, only when their network weights are available locally; `rfid_network` says
+  which network gave `rfid`: `tf-inception` (torchmetrics on torch-fidelity's TF-Inception, as
+  published FIDs) or, without those, `torchvision-inception` (comparable within vit_vq only).
 
-`--json` writes exactly those keys (the optional two only when computed). A PNG grid of
+`--json` writes exactly those keys (the optional ones only when computed). A PNG grid of
 originals above their reconstructions is written too. Neither output replaces an existing
 file unless `--overwrite` is given (checked before any work).
 """
@@ -31,6 +33,7 @@ from ..metrics import (
     InceptionFeatures,
     MeanAccumulator,
     MetricUnavailable,
+    PublishedFID,
     frechet_distance,
     lpips_network,
     psnr,
@@ -68,7 +71,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N inputs")
     p.add_argument("--split", default="train", help="`datasets` split (default train)")
     p.add_argument("--image-column", default="image", help="`datasets` image column (default image)")
-    p.add_argument("--inception-weights", default=None, metavar="FILE", help="torchvision Inception-v3 weights for rFID")
+    p.add_argument("--fid-weights", default=None, metavar="FILE",
+                   help="TF-Inception weights for rFID as published (torchmetrics + torch-fidelity; default: "
+                   "weights-inception-2015-12-05-6726825d.pth in the torch hub cache)")
+    p.add_argument("--inception-weights", default=None, metavar="FILE",
+                   help="torchvision Inception-v3 weights, for an rFID comparable within vit_vq only (used when the "
+                   "TF-Inception one cannot be computed)")
     p.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex", help="LPIPS backbone (default alex)")
     add_overwrite_arg(p)
     add_model_args(p)
@@ -77,14 +85,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _optional_networks(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """LPIPS / Inception networks that can be built from local files; prints why others cannot."""
+    """LPIPS and rFID networks that can be built from local files; prints why others cannot.
+
+    rFID: the published one (`PublishedFID`, `rfid_network` "tf-inception") when it can be had, else
+    torchvision's Inception-v3 ("torchvision-inception").
+    """
     nets: dict[str, Any] = {}
-    builders = {"lpips": lambda: lpips_network(args.lpips_net), "rfid": lambda: InceptionFeatures(args.inception_weights)}
-    for key, build in builders.items():
+    try:
+        nets["lpips"] = lpips_network(args.lpips_net).to(device)
+    except MetricUnavailable as err:
+        print(f"lpips: not computed ({err})", file=sys.stderr)
+    reasons = []
+    builders = {"tf-inception": lambda: PublishedFID(args.fid_weights),
+                "torchvision-inception": lambda: InceptionFeatures(args.inception_weights)}
+    for network, build in builders.items():
         try:
-            nets[key] = build().to(device)
+            nets["rfid"], nets["rfid_network"] = build().to(device), network
+            break
         except MetricUnavailable as err:
-            print(f"{key}: not computed ({err})", file=sys.stderr)
+            reasons.append(str(err))
+    if "rfid" not in nets:
+        print(f"rfid: not computed ({'; '.join(reasons)})", file=sys.stderr)
+    elif reasons:
+        print(f"rfid: on torchvision's Inception-v3, comparable within vit_vq only ({reasons[0]})", file=sys.stderr)
     return nets
 
 
@@ -145,7 +168,9 @@ def run(args: argparse.Namespace) -> int:
         if "lpips" in nets:
             with torch.inference_mode():
                 lpips_acc.update(nets["lpips"](x * 2 - 1, recon * 2 - 1).flatten())
-        if "rfid" in nets:
+        if nets.get("rfid_network") == "tf-inception":
+            nets["rfid"].update(x, recon)
+        elif "rfid" in nets:
             real_stats.update(nets["rfid"](x))
             fake_stats.update(nets["rfid"](recon))
         if sum(len(o) for o in originals) < args.grid_images:
@@ -167,12 +192,16 @@ def run(args: argparse.Namespace) -> int:
     if "lpips" in nets:
         metrics["lpips"] = lpips_acc.mean
     if "rfid" in nets:
-        if real_stats.n < 2:
+        published = nets["rfid_network"] == "tf-inception"
+        n = nets["rfid"].n if published else real_stats.n
+        if n < 2:
             print("rfid: not computed (needs at least 2 images)", file=sys.stderr)
         else:
-            metrics["rfid"] = frechet_distance(*real_stats.mean_cov(), *fake_stats.mean_cov())
-            if real_stats.n < FID_MIN_IMAGES:
-                print(f"rfid: only {real_stats.n} images; FID is biased upward below ~{FID_MIN_IMAGES}", file=sys.stderr)
+            metrics["rfid"] = nets["rfid"].compute() if published else frechet_distance(
+                *real_stats.mean_cov(), *fake_stats.mean_cov())
+            metrics["rfid_network"] = nets["rfid_network"]
+            if n < FID_MIN_IMAGES:
+                print(f"rfid: only {n} images; FID is biased upward below ~{FID_MIN_IMAGES}", file=sys.stderr)
 
     _write_grid(torch.cat(originals), torch.cat(recons), min(8, args.grid_images), grid_path, args.overwrite)
     if report is not None:
@@ -203,4 +232,5 @@ def _print_table(metrics: dict[str, Any]) -> None:
         ("lpips", "LPIPS", "{:.4f}"), ("rfid", "rFID", "{:.2f}"),
     ):
         if key in metrics:
-            print(f"  {label:<16}{fmt.format(metrics[key])}")
+            network = f" ({metrics['rfid_network']})" if key == "rfid" else ""
+            print(f"  {label:<16}{fmt.format(metrics[key])}{network}")

@@ -19,6 +19,7 @@ from ..config import PRESETS
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 DataFormat = Literal["auto", "folder", "hf", "cifar10"]
 CropScales = Literal["fixed", "log_uniform"]
+PerceptualKind = Literal["auto", "lpips", "vgg"]
 DataViews = Literal["loader", "device"]
 MAX_DEFAULT_WARMUP = 500  # warmup steps when not set: min(this, max_steps // 10)
 MAX_DEFAULT_WORKERS = 4  # data-loader workers when not set: min(this, CPUs available)
@@ -104,6 +105,10 @@ class TrainConfig:
     l2_weight: float = _f(1.0, "weight of the pixel MSE")
     l1_weight: float = _f(0.0, "weight of the pixel L1")
     perceptual_weight: float | None = _f(None, "weight of the VGG16 perceptual loss; default: the model recipe's")
+    perceptual_loss: PerceptualKind = _f(
+        "auto", "lpips: LPIPS-VGG with its learned channel weights (the lpips package); vgg: VGG16 features, uniform "
+        "channel weights; auto: lpips when the package is installed, else vgg"
+    )
     perceptual_weights_path: str | None = _f(None, "VGG16 weights file (safetensors or torchvision .pth)")
     download_timeout: float = _f(10.0, "seconds to wait on a stalled weight download (0: never download)")
     codebook_weight: float = _f(1.0, "weight of the codebook loss (only moves a learnable codebook)")
@@ -181,6 +186,7 @@ class TrainConfig:
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         _check_choice("mixed_precision", self.mixed_precision, ("auto", "no", "fp16", "bf16"))
+        _check_choice("perceptual_loss", self.perceptual_loss, ("auto", "lpips", "vgg"))
         _check_choice("data_format", self.data_format, ("auto", "folder", "hf", "cifar10"))
         for name in self.tracker_list():
             _check_choice("trackers", name, KNOWN_TRACKERS)
@@ -292,4 +298,6 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-__all__ = ["TrainConfig", "RECIPES", "MixedPrecision", "DataFormat", "DataViews", "KNOWN_TRACKERS", "available_cpus"]
+__all__ = [
+    "TrainConfig", "RECIPES", "MixedPrecision", "PerceptualKind", "DataFormat", "DataViews", "KNOWN_TRACKERS", "available_cpus",
+]

@@ -1,11 +1,16 @@
-"""Training losses: pixel L2/L1 and an LPIPS-style perceptual loss on VGG16 features.
+"""Training losses: pixel L2/L1 and a perceptual loss on VGG16 features, LPIPS when the `lpips` package is there.
 
-The perceptual loss follows LPIPS (Zhang et al. 2018) with uniform channel weights: images
-in [0, 1] are normalised with ImageNet's mean/std (the range torchvision's VGG16 was trained
-on), features are taken after relu1_2, relu2_2, relu3_3, relu4_3 and relu5_3, unit-normalised
-over channels, and the squared distance is summed over channels, averaged over positions and
-batch, and summed over layers. LPIPS's learned linear weights are not used, so values are on a
-different scale from published LPIPS numbers.
+Two perceptual losses share one VGG16 trunk and its weights (below):
+
+* `LPIPSLoss` (`kind="lpips"`, used when the `lpips` package is installed: `pip install 'vit_vq[lpips]'`)
+  is the `lpips` package's own LPIPS-VGG module (Zhang et al. 2018) with the learned per-channel
+  linear weights that ship in its wheel; its values are LPIPS-VGG distances as published.
+* `PerceptualLoss` (`kind="vgg"`, the fallback without the package) is LPIPS-style with uniform
+  channel weights: images in [0, 1] are normalised with ImageNet's mean/std (the range
+  torchvision's VGG16 was trained on), features are taken after relu1_2, relu2_2, relu3_3,
+  relu4_3 and relu5_3, unit-normalised over channels, and the squared distance is summed over
+  channels, averaged over positions and batch, and summed over layers. Its values are on a
+  different scale from LPIPS numbers (every channel weighs the same).
 
 Pretrained VGG16 weights come from a local file (`weights_path`: safetensors, or a torchvision
 `.pth` read with `torch.load(weights_only=True)`) or from torchvision's
@@ -16,14 +21,19 @@ firewalled machine fails fast with `PerceptualWeightsUnavailable` instead of han
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import logging
 import urllib.parse
+import warnings
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import PerceptualKind
 from .download import probe, socket_timeout
 
 logger = logging.getLogger(__name__)
@@ -93,6 +103,8 @@ class PerceptualLoss(nn.Module):
     """
 
     eps = 1e-10
+    kind = "vgg"
+    description = "VGG16 features with uniform channel weights (LPIPS-style, not LPIPS values)"
 
     def __init__(self, features: nn.Sequential) -> None:
         super().__init__()
@@ -116,14 +128,72 @@ class PerceptualLoss(nn.Module):
         return loss
 
 
+class LPIPSLoss(nn.Module):
+    """LPIPS-VGG from the `lpips` package, over a given VGG16 trunk; inputs are images in [0, 1].
+
+    Args:
+        features: `torchvision.models.vgg16().features` with the weights to use (only layers up
+            to relu5_3 are used); they replace the package's own backbone, which would be downloaded.
+
+    The package's module supplies everything else: its input scaling, the unit normalisation of
+    features, the learned per-channel linear weights of LPIPS v0.1 (`lpips/weights/v0.1/vgg.pth`,
+    inside its wheel) and the spatial average. `forward(recon, target)` takes float `[B, 3, H, W]` in
+    [0, 1] and returns the batch mean as a float32 scalar; nothing in it is trained.
+
+    Raises:
+        ModuleNotFoundError: the `lpips` package is not installed.
+    """
+
+    kind = "lpips"
+
+    def __init__(self, features: nn.Sequential) -> None:
+        super().__init__()
+        import lpips
+
+        with warnings.catch_warnings():  # lpips builds torchvision's vgg16 with the deprecated `pretrained=False`
+            warnings.simplefilter("ignore", UserWarning)
+            module = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+        net = module.net
+        for part in (net.slice1, net.slice2, net.slice3, net.slice4, net.slice5):  # children named by features index
+            for name in list(part._modules):
+                part._modules[name] = features[int(name)]
+        self.lpips = module.eval().requires_grad_(False)
+        self.description = f"LPIPS-VGG (lpips {importlib.metadata.version('lpips')}, its learned linear weights)"
+
+    def train(self, mode: bool = True) -> LPIPSLoss:
+        return super().train(False)  # always eval: the network is a fixed measuring instrument
+
+    def forward(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if recon.shape != target.shape or recon.ndim != 4 or recon.shape[1] != 3:
+            raise ValueError(f"expected two image batches [B, 3, H, W], got {tuple(recon.shape)} and {tuple(target.shape)}")
+        return self.lpips(recon, target.detach(), normalize=True).float().mean()  # normalize: [0, 1] -> [-1, 1]
+
+
+def perceptual_kind(kind: PerceptualKind = "auto") -> Literal["lpips", "vgg"]:
+    """`"lpips"` or `"vgg"`: `auto` picks LPIPS when the `lpips` package is installed.
+
+    Raises:
+        ValueError: an unknown kind. ModuleNotFoundError: `lpips` asked for but not installed.
+    """
+    if kind not in ("auto", "lpips", "vgg"):
+        raise ValueError(f"perceptual loss kind must be 'auto', 'lpips' or 'vgg', got {kind!r}")
+    installed = importlib.util.find_spec("lpips") is not None
+    if kind == "lpips" and not installed:
+        raise ModuleNotFoundError("the LPIPS perceptual loss needs the `lpips` package (pip install lpips)", name="lpips")
+    if kind == "auto":
+        return "lpips" if installed else "vgg"
+    return kind
+
+
 def build_perceptual_loss(
     weights_path: str | Path | None = None,
     *,
     download_timeout: float = 10.0,
     allow_random_init: bool = False,
     weight: float | None = None,
-) -> PerceptualLoss:
-    """A `PerceptualLoss` with pretrained VGG16 weights.
+    kind: PerceptualKind = "auto",
+) -> PerceptualLoss | LPIPSLoss:
+    """A perceptual loss on pretrained VGG16 weights: `LPIPSLoss` or `PerceptualLoss`, as `kind` says.
 
     Args:
         weights_path: a VGG16 state dict (`.safetensors`, or a torchvision `.pth`); keys may
@@ -133,11 +203,15 @@ def build_perceptual_loss(
         allow_random_init: use a randomly initialised VGG16 when no weights can be had
             (tests and benchmarks only: the loss then measures nothing meaningful).
         weight: the configured perceptual weight, quoted in the error message.
+        kind: `lpips` (the `lpips` package's LPIPS), `vgg` (uniform channel weights), or `auto`
+            (`lpips` when the package is installed).
 
     Raises:
         PerceptualWeightsUnavailable: no usable weights; the message says how to provide them.
         FileNotFoundError: `weights_path` does not exist. ValueError: it is not a VGG16 state dict.
+        ModuleNotFoundError: `kind="lpips"` without the `lpips` package.
     """
+    loss_class = LPIPSLoss if perceptual_kind(kind) == "lpips" else PerceptualLoss
     features = vgg16_features()
     if weights_path is not None:
         state = load_vgg16_file(weights_path)
@@ -148,9 +222,9 @@ def build_perceptual_loss(
             if not allow_random_init:
                 raise PerceptualWeightsUnavailable(_unavailable_message(str(err), weight)) from None
             logger.warning("VGG16 weights unavailable (%s); using a random VGG16 as allowed", err)
-            return PerceptualLoss(features)
+            return loss_class(features)
     _load_features(features, state, str(weights_path or "torchvision VGG16_Weights.IMAGENET1K_V1"))
-    return PerceptualLoss(features)
+    return loss_class(features)
 
 
 def vgg16_features() -> nn.Sequential:
@@ -236,6 +310,9 @@ def _unavailable_message(reason: str, weight: float | None) -> str:
 
 __all__ = [
     "PerceptualLoss",
+    "LPIPSLoss",
+    "PerceptualKind",
+    "perceptual_kind",
     "VGGTaps",
     "PerceptualWeightsUnavailable",
     "build_perceptual_loss",

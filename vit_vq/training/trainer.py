@@ -32,7 +32,7 @@ from .checkpoint import save_checkpoint as _save_checkpoint
 from .config import TrainConfig
 from .data import build_train_loader, open_training_source, preview_images
 from .discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
-from .losses import PerceptualLoss, build_perceptual_loss, pixel_losses
+from .losses import LPIPSLoss, PerceptualLoss, build_perceptual_loss, pixel_losses
 from .model_ema import ModelEMA
 from .tracking import MetricMeter, log_grid, reconstruction_grid, save_grid, step_summary, tracker_config
 from .views import DeviceViews, ViewBatches, ViewsTooLarge
@@ -133,7 +133,7 @@ class Trainer:
         config: the run's settings.
         model: a tokenizer to train instead of the one `config` names.
         dataset: a source of `{"pixels", "key", "label", "error"}` items instead of `config.data`.
-        perceptual: a `PerceptualLoss` to use instead of loading pretrained VGG16 weights.
+        perceptual: a `PerceptualLoss` or `LPIPSLoss` to use instead of loading pretrained VGG16 weights.
 
     Raises:
         PerceptualWeightsUnavailable: the perceptual weight is > 0 and VGG16 weights cannot be had.
@@ -147,7 +147,7 @@ class Trainer:
         *,
         model: ViTVQTokenizer | None = None,
         dataset: Dataset | None = None,
-        perceptual: PerceptualLoss | None = None,
+        perceptual: PerceptualLoss | LPIPSLoss | None = None,
     ) -> None:
         from accelerate import Accelerator
         from accelerate.utils import DistributedType, GradientAccumulationPlugin, set_seed
@@ -187,7 +187,8 @@ class Trainer:
         self.perceptual = None
         if self.perceptual_weight > 0:
             self.perceptual = perceptual or build_perceptual_loss(
-                cfg.perceptual_weights_path, download_timeout=cfg.download_timeout, weight=self.perceptual_weight
+                cfg.perceptual_weights_path, download_timeout=cfg.download_timeout, weight=self.perceptual_weight,
+                kind=cfg.perceptual_loss,
             )
             fmt = torch.channels_last if acc.device.type == "cuda" else torch.preserve_format
             self.perceptual.to(acc.device, memory_format=fmt)
@@ -519,6 +520,8 @@ class Trainer:
         weights = {"l2": cfg.l2_weight, "l1": cfg.l1_weight, "perceptual": self.perceptual_weight,
                    "adversarial": cfg.adversarial_weight}
         losses = ", ".join(f"{k} {v:g}" for k, v in weights.items() if v > 0)
+        if self.perceptual is not None:
+            losses += f" (perceptual: {getattr(self.perceptual, 'description', type(self.perceptual).__name__)})"
         per_step = cfg.batch_size * cfg.grad_accum_steps * acc.num_processes
         self._info(
             "model %.1fM parameters, %dx%d px, %d %s codes of dim %d | data %d items, %d loader workers | %d process(es) "
