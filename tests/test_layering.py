@@ -278,3 +278,14 @@ def test_a_revision_for_a_bundled_name_is_refused_not_ignored(capsys, tmp_path, 
     code = main(["encode", str(photo_dir), "-o", str(tmp_path / "c.safetensors"), "--revision", "main",
                  "--num-workers", "0", "--device", "cpu"])
     assert code == 2 and "has no revisions" in capsys.readouterr().err
+
+
+def test_a_5000_digit_integer_in_config_json_names_the_file(tmp_path):
+    from vit_vq import ViTVQConfig
+
+    folder = tmp_path / "m"
+    ViTVQTokenizer(ViTVQConfig.from_preset("tiny")).save_pretrained(folder)
+    text = (folder / "config.json").read_text().replace('"image_size": 32', '"image_size": ' + "9" * 5000)
+    (folder / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON \(an integer of 5000 digits \(at most 19\)"):
+        ViTVQTokenizer.from_pretrained(folder)
