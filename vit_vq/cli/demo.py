@@ -122,7 +122,7 @@ def save_grid(grid: torch.Tensor, path: Path, *, overwrite: bool) -> None:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    from ..pipeline.codes import atomic_write
+    from ..files import atomic_write
 
     refuse_existing([path], overwrite)
     meta = PngInfo()

@@ -81,7 +81,8 @@ def _unpickler_reason(err: BaseException) -> str:
 
 # Optional packages -> the extra that installs them.
 EXTRAS = {"accelerate": "train", "torchvision": "train", "tensorboard": "train", "tqdm": "train", "yaml": "train",
-          "datasets": "train", "skimage": "train", "sklearn": "train", "matplotlib": "train", "ray": "ray", "triton": "triton"}
+          "datasets": "train", "skimage": "train", "sklearn": "train", "matplotlib": "train", "ray": "ray", "triton": "triton",
+          "lpips": "lpips", "torchmetrics": "metrics", "torch_fidelity": "metrics"}
 
 
 def describe(err: BaseException) -> tuple[str, int]:
