@@ -8,7 +8,6 @@ a `TypeError`, a `RecursionError` or Python's "Exceeds the limit (4300 digits)" 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 MAX_DEPTH = 32  # vit_vq's own JSON nests at most 3 deep
@@ -127,17 +126,6 @@ def integer_text(text: str, *, source: str, key: str, low: int, high: int) -> in
     return integer(int(body), source=source, key=key, low=low, high=high)
 
 
-def finite(value: Any, *, source: str, key: str) -> float:
-    """`value` as a finite float (ints accepted).
-
-    Raises:
-        ValueError: another type, or NaN/Inf.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{_where(source, key)} must be a finite number, got {type(value).__name__} {shown(value)}")
-    return float(value)
-
-
 def string_list(value: Any, *, source: str, key: str, max_items: int, max_chars: int) -> list[str]:
     """`value` as a list of at most `max_items` non-empty strings (see `string`).
 
@@ -157,4 +145,4 @@ def string_list(value: Any, *, source: str, key: str, max_items: int, max_chars:
     return out
 
 
-__all__ = ["parse", "string", "integer", "integer_text", "finite", "string_list", "shown", "MAX_DEPTH", "MAX_INT_DIGITS"]
+__all__ = ["parse", "string", "integer", "integer_text", "string_list", "shown", "MAX_DEPTH", "MAX_INT_DIGITS"]
