@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..pipeline.batching import DEFAULT_BATCH_TOKENS, lookahead, shape_chunks
 from ..pipeline.runtime import ModelInfo, load_tokenizer, prepare_for_inference
 from ..pipeline.sources import RESIZE_MODES, FileImages, ModelSizedImages, collate_sized, resize_notice
 from ..registry import DEFAULT_MODEL
@@ -42,14 +43,49 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--compile", action="store_true", help="torch.compile encoder and decoder (slow start, fast after)")
     g.add_argument("--batch-size", "-b", type=positive_int, default=64, help="images per forward pass (default 64)")
+    g.add_argument(
+        "--batch-tokens", type=positive_int, default=None, metavar="N",
+        help=f"tokens per forward pass, the activation budget: fewer images go in a pass when their grids are "
+        f"large, never fewer than one (default {DEFAULT_BATCH_TOKENS})",
+    )
     g.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes (default 2; 0 = in-process)")
 
 
 def add_resize_arg(parser: argparse.ArgumentParser) -> None:
+    """`--resize crop|native|budget|none` and `--short-side N`."""
     parser.add_argument(
         "--resize", choices=RESIZE_MODES, default="crop",
-        help="images not at the model's resolution: crop = resize the short side and center-crop (default); none = reject",
+        help="crop = resize the short side and center-crop to the model's square (default); native = the whole image, "
+        "short side to the model's resolution (or --short-side), sides rounded to the patch: one grid shape per "
+        "aspect ratio; budget = the whole image at the largest size within the model's token budget; "
+        "none = reject images not at the model's resolution",
     )
+    parser.add_argument(
+        "--short-side", type=positive_int, default=None, metavar="N",
+        help="with --resize native: the short side in pixels (default: the model's image_size); with crop: the square's side",
+    )
+
+
+def sized_images(base: Dataset, tok: ViTVQTokenizer, args: argparse.Namespace, indices: Any = None) -> ModelSizedImages:
+    """`base` at the size `--resize` / `--short-side` ask for, within the model's token budget.
+
+    Raises:
+        CLIError: `--short-side` with `--resize budget` or `none`.
+    """
+    short_side = getattr(args, "short_side", None)
+    if short_side is not None and args.resize not in ("crop", "native"):
+        raise CLIError(f"--short-side goes with --resize native or crop, not --resize {args.resize}")
+    cfg = tok.config
+    return ModelSizedImages(
+        base, cfg.image_size, args.resize, indices, patch_size=cfg.patch_size, max_tokens=cfg.token_budget,
+        short_side=short_side,
+    )
+
+
+def images_per_read(tok: ViTVQTokenizer, args: argparse.Namespace) -> int:
+    """Images a loader batch holds: a pass's worth at one shape, more to group by shape at several."""
+    uniform = args.resize in ("crop", "none")
+    return lookahead(tok.config, args.batch_size, getattr(args, "batch_tokens", None), uniform=uniform)
 
 
 def positive_int(text: str) -> int:
@@ -105,10 +141,10 @@ def device_of(tok: ViTVQTokenizer) -> torch.device:
 
 
 # -- images in --------------------------------------------------------------------------
-def loader(dataset: Dataset, args: argparse.Namespace, device: torch.device) -> DataLoader:
-    """Batches of `collate_sized` dicts, in order."""
+def loader(dataset: Dataset, args: argparse.Namespace, device: torch.device, batch_size: int | None = None) -> DataLoader:
+    """Batches of `collate_sized` dicts (`batch_size` images, default `--batch-size`), in order."""
     return DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+        dataset, batch_size=batch_size or args.batch_size, shuffle=False, num_workers=args.num_workers,
         collate_fn=collate_sized, pin_memory=device.type == "cuda",
     )
 
@@ -145,6 +181,25 @@ def input_images(paths: list[str], output_dir: Path | None = None) -> FileImages
     return images
 
 
+def shape_passes(batches: Iterable[dict[str, Any]], tok: ViTVQTokenizer, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """Loader batches -> forward passes: `pixels` `[n, 3, H, W]` of one shape within `--batch-size` and
+    `--batch-tokens`, with the `keys` of those images; a batch's `skipped` and `resized` ride on its first
+    pass (a batch with no readable image is one pass with `pixels` None)."""
+    p = tok.config.patch_size
+    for batch in batches:
+        pixels = batch["pixels"]
+        if pixels is None:
+            yield batch
+            continue
+        items = list(pixels)
+        chunks = shape_chunks([(t.shape[-2] // p, t.shape[-1] // p) for t in items], args.batch_size,
+                              getattr(args, "batch_tokens", None))
+        for k, chunk in enumerate(chunks):
+            x = pixels[chunk[0] : chunk[-1] + 1] if isinstance(pixels, torch.Tensor) else torch.stack([items[i] for i in chunk])
+            yield {"pixels": x, "keys": [batch["keys"][i] for i in chunk], "skipped": batch["skipped"] if k == 0 else [],
+                   "resized": batch["resized"] if k == 0 else 0}
+
+
 def add_strict_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--strict", action="store_true",
@@ -155,7 +210,9 @@ def add_strict_arg(parser: argparse.ArgumentParser) -> None:
 def image_batches(
     images: FileImages, tok: ViTVQTokenizer, args: argparse.Namespace, desc: str
 ) -> Iterator[dict[str, Any]]:
-    """Batches of `images` (see `input_images`) at the model's resolution.
+    """Batches of `images` (see `input_images`) at the size `--resize` asks for: `pixels` is
+    `[B, 3, H, W]`, or a list of `[3, H, W]` when shapes differ (code it with
+    `pipeline.batching.encode_images`, which keeps passes within `--batch-tokens`).
 
     An unreadable image (or a wrong-size one under `--resize none`) is skipped and reported on
     stderr at the end, like `tokenize` does; with `--strict` it stops the command instead.
@@ -164,12 +221,11 @@ def image_batches(
     Raises:
         CLIError: under `--strict`, an unreadable image; always, when no image at all could be read.
     """
-    size = tok.config.image_size
-    dataset = ModelSizedImages(images, size, args.resize)
+    dataset = sized_images(images, tok, args)
     resized, coded, skipped = 0, 0, []
     bar = progress(None, len(dataset), desc)
     try:
-        for batch in loader(dataset, args, device_of(tok)):
+        for batch in loader(dataset, args, device_of(tok), images_per_read(tok, args)):
             if batch["skipped"] and getattr(args, "strict", True):
                 bad = batch["skipped"][0]
                 more = f" (and {len(batch['skipped']) - 1} more in this batch)" if len(batch["skipped"]) > 1 else ""
@@ -188,7 +244,7 @@ def image_batches(
         print(f"... and {len(skipped) - 10} more skipped", file=sys.stderr)
     if not coded:
         raise CLIError(f"none of the {len(dataset)} input images could be read (see the reasons above)")
-    notice = resize_notice(resized, coded, size)
+    notice = resize_notice(resized, coded, dataset.size, args.resize)
     if notice:
         print(notice, file=sys.stderr)
 
@@ -289,6 +345,8 @@ def output_names(names: list[str], suffix: str = ".png") -> list[Path]:
 __all__ = [
     "add_model_args",
     "add_resize_arg",
+    "sized_images",
+    "images_per_read",
     "load_model",
     "model_id",
     "DEFAULT_MODEL",
@@ -297,6 +355,7 @@ __all__ = [
     "progress",
     "input_images",
     "image_batches",
+    "shape_passes",
     "add_strict_arg",
     "add_overwrite_arg",
     "refuse_existing",

@@ -6,6 +6,11 @@ out); the model id and revision recorded in the codes file are used only with
 own. Codes are decoded only by a tokenizer with the same config hash and the same decoder
 weights as the one that made them (the precision may differ). No existing file is
 replaced unless `--overwrite` is given; that is checked before anything is decoded.
+
+Each image comes back at its own grid's size (`h * p` x `w * p` px): a file of grids of several
+shapes (`vit-vq encode --resize native`) gives images of several shapes. Grids of one shape are
+decoded together, at most `--batch-size` images and `--batch-tokens` tokens per pass, so a model
+with large grids decodes fewer images at a time on its own.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
+from ..pipeline.batching import shape_chunks
 from ..pipeline.codes import CodesFile, load_codes
 from ..registry import bundled_hint, bundled_name_for_id
 from .common import (
@@ -109,13 +117,23 @@ def run(args: argparse.Namespace) -> int:
             f"decoder weights {info.decoder_hash}: the weights changed since encoding; decode with the model that "
             f"encoded them{bundled_hint(codes.model.config_hash, codes.model.decoder_hash, info.model_id)}"
         )
+    shapes = codes.grid_shapes
+    budget = tok.config.token_budget
+    if over := [(i, h, w) for i, (h, w) in enumerate(shapes) if h * w > budget]:
+        i, h, w = over[0]
+        raise CLIError(
+            f"{args.codes}: grid {i} ({printable(codes.names[i])}) is {h}x{w} = {h * w} tokens, above "
+            f"{printable(info.model_id)}'s budget of {budget} tokens per image"
+            + (f" (and {len(over) - 1} more grids)" if len(over) > 1 else "")
+        )
     check_writable(out, "the decoded images")
     device = device_of(tok)
+    grids = codes.grids
     bar = progress(None, len(paths), "decode")
-    for start in range(0, len(paths), args.batch_size):
-        images = tok.decode(codes.codes[start : start + args.batch_size].to(device))  # (b, 3, S, S)
-        for img, rel in zip(images, paths[start : start + args.batch_size], strict=True):
-            save_png(img, out / rel, overwrite=args.overwrite)
+    for chunk in shape_chunks(shapes, args.batch_size, args.batch_tokens):
+        images = tok.decode(torch.stack([grids[i] for i in chunk]).to(device))  # (b, 3, h*p, w*p)
+        for img, i in zip(images, chunk, strict=True):
+            save_png(img, out / paths[i], overwrite=args.overwrite)
         bar.update(len(images))
     bar.close()
     print(f"wrote {len(paths)} images to {out}", file=sys.stderr)

@@ -1,8 +1,9 @@
 """`vit-vq encode IMGS_OR_DIR... -o codes.safetensors`: images -> one codes file.
 
-The codes file holds the code grids with the image names, the grid shape, the model id,
+The codes file holds the code grids with the image names, the grid shape(s), the model id,
 revision and config hash, and the lookup backend and precision (see
-`vit_vq.pipeline.codes`). `vit-vq decode` turns it back into images. An existing file at
+`vit_vq.pipeline.codes`). With `--resize native` (or `budget`) each image keeps its aspect ratio
+and gets a grid of its own shape; images of one shape are coded together, within `--batch-tokens`. `vit-vq decode` turns it back into images. An existing file at
 `-o` is replaced only with `--overwrite` (checked before any work).
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..pipeline.batching import encode_images
 from ..pipeline.codes import save_codes
 from .common import (
     add_model_args,
@@ -21,7 +23,6 @@ from .common import (
     add_resize_arg,
     add_strict_arg,
     check_writable,
-    device_of,
     image_batches,
     input_images,
     refuse_existing,
@@ -54,16 +55,19 @@ def run(args: argparse.Namespace) -> int:
     check_writable(out.parent, "the codes file")
     images = input_images(args.inputs)
     tok, info = setup_model(args)
-    device = device_of(tok)
-    codes, names = [], []
+    grids: list[torch.Tensor] = []
+    names: list[str] = []
     for batch in image_batches(images, tok, args, desc="encode"):
-        codes.append(tok.encode(batch["pixels"].to(device, non_blocking=True)).cpu())  # (b, h, w)
+        grids += encode_images(tok, batch["pixels"], batch_size=args.batch_size, batch_tokens=args.batch_tokens,
+                               out_device="cpu")  # (h, w) each, in input order
         names += batch["keys"]
-    all_codes = torch.cat(codes)  # (N, h, w)
     cfg = tok.config
-    save_codes(out, all_codes, names, info=info, codebook_size=cfg.codebook_size, image_size=cfg.image_size)
+    save_codes(out, grids, names, info=info, codebook_size=cfg.codebook_size, image_size=cfg.image_size,
+               token_budget=cfg.token_budget)
+    shapes = sorted({tuple(g.shape) for g in grids})
+    shape_text = f"{shapes[0][0]}x{shapes[0][1]}" if len(shapes) == 1 else f"{len(shapes)} shapes"
     print(
-        f"wrote {len(names)} code grid{'' if len(names) == 1 else 's'} of {cfg.grid_size}x{cfg.grid_size} to {out} "
+        f"wrote {len(names)} code grid{'' if len(names) == 1 else 's'} of {shape_text} to {out} "
         f"(model {info.model_id}, config {info.config_hash}, {info.precision}, "
         f"lookup {info.lookup_backend}/{info.lookup_precision})",
         file=sys.stderr,

@@ -1,6 +1,7 @@
 """`vit-vq eval --data PATH [--json FILE]`: how well a tokenizer reconstructs a data set.
 
-Reports, over every readable image at the model's resolution (in [0, 1]):
+Reports, over every readable image at the size `--resize` gives it (in [0, 1]; the model's square by
+default, the whole image at its own aspect ratio with `--resize native`, coded in passes of one shape):
 - `psnr` (dB) and `ssim`: per-image values, averaged;
 - `codebook_usage`: the fraction of codes used at least once over the whole set;
 - `perplexity`: `exp` of the entropy of the code frequencies over the whole set;
@@ -40,19 +41,22 @@ from ..metrics import (
     ssim,
 )
 from ..pipeline.runtime import synchronize
-from ..pipeline.sources import ModelSizedImages, resize_notice
+from ..pipeline.sources import resize_notice
 from .common import (
     add_model_args,
     add_overwrite_arg,
     add_resize_arg,
     device_of,
     image_grid,
+    images_per_read,
     loader,
     positive_int,
     progress,
     refuse_existing,
     save_png,
     setup_model,
+    shape_passes,
+    sized_images,
 )
 from .main import CLIError
 
@@ -135,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = tok.config
     source = open_image_source(args.data, split=args.split, image_column=args.image_column)
     indices = range(min(len(source), args.limit)) if args.limit else None
-    dataset = ModelSizedImages(source, cfg.image_size, args.resize, indices)
+    dataset = sized_images(source, tok, args, indices)
     if len(dataset) == 0:
         raise CLIError(f"{args.data!r} holds no images")
     nets = _optional_networks(args, device)
@@ -149,13 +153,13 @@ def run(args: argparse.Namespace) -> int:
     timings: list[tuple[int, float]] = []  # (images, seconds) per batch
     resized = 0
     bar = progress(None, len(dataset), "eval")
-    for batch in loader(dataset, args, device):
+    for batch in shape_passes(loader(dataset, args, device, images_per_read(tok, args)), tok, args):
         skipped += batch["skipped"]
         bar.update(len(batch["keys"]) + len(batch["skipped"]))
         if batch["pixels"] is None:
             continue
         resized += batch["resized"]
-        x = batch["pixels"].to(device, non_blocking=True).float()  # (b, 3, S, S) in [0, 1]
+        x = batch["pixels"].to(device, non_blocking=True).float()  # (b, 3, H, W) in [0, 1], one shape per pass
         synchronize(device)
         t0 = time.perf_counter()
         codes = tok.encode(x)  # (b, h, w)
@@ -173,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
         elif "rfid" in nets:
             real_stats.update(nets["rfid"](x))
             fake_stats.update(nets["rfid"](recon))
-        if sum(len(o) for o in originals) < args.grid_images:
+        same_shape = not originals or originals[0].shape[1:] == x.shape[1:]  # the grid shows the first shape only
+        if sum(len(o) for o in originals) < args.grid_images and same_shape:
             take = args.grid_images - sum(len(o) for o in originals)
             originals.append(x[:take].cpu())
             recons.append(recon[:take].cpu())
@@ -208,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         refuse_existing([report], args.overwrite)
         atomic_write_json(report, metrics)
 
-    notice = resize_notice(resized, psnr_acc.count, cfg.image_size)
+    notice = resize_notice(resized, psnr_acc.count, dataset.size, args.resize)
     if notice:
         print(notice, file=sys.stderr)
     for item in skipped[:10]:

@@ -1,7 +1,8 @@
 """`vit-vq reconstruct IMG... -o OUT`: side-by-side PNGs (original | reconstruction) and PSNR.
 
 With one image and `-o name.png` the PNG is written there; otherwise `OUT` is a folder
-holding one PNG per input. The left half is the input at the model's resolution, the
+holding one PNG per input. The left half is the input at the size `--resize` gives it (the
+model's square by default, the whole image at its own aspect ratio with `--resize native`), the
 right half its reconstruction; PSNR (dB) compares the two in [0, 1]. No existing file is
 replaced unless `--overwrite` is given (checked before any work), and when `OUT` lies inside
 an input folder, the PNGs found there are not read back as inputs.
@@ -16,13 +17,13 @@ from pathlib import Path
 import torch
 
 from ..metrics import psnr
+from ..pipeline.batching import decode_grids, encode_images
 from .common import (
     add_model_args,
     add_overwrite_arg,
     add_resize_arg,
     add_strict_arg,
     check_writable,
-    device_of,
     image_batches,
     input_images,
     output_names,
@@ -60,15 +61,16 @@ def run(args: argparse.Namespace) -> int:
     target_of = dict(zip(images.keys, all_targets, strict=True))
     check_writable(out.parent if single_file else out, "the PNGs")  # skipped images leave their target unused
     tok, _ = setup_model(args)
-    device = device_of(tok)
     scores: list[tuple[str, float]] = []
+    budget = {"batch_size": args.batch_size, "batch_tokens": args.batch_tokens}
     for batch in image_batches(images, tok, args, desc="reconstruct"):
-        x = batch["pixels"].to(device)  # (b, 3, S, S)
-        recon = tok.decode(tok.encode(x)).float()  # (b, 3, S, S)
-        values = psnr(recon, x.float()).tolist()
-        pairs = torch.cat([x.float(), recon], dim=3)  # (b, 3, S, 2S): original | reconstruction
+        originals = list(batch["pixels"])  # (3, H, W) each, shapes may differ
+        recons = decode_grids(tok, encode_images(tok, batch["pixels"], **budget), **budget)  # (3, H, W) each
         targets = [target_of[key] for key in batch["keys"]]
-        for pair, target, key, value in zip(pairs, targets, batch["keys"], values, strict=True):
+        for x, recon, target, key in zip(originals, recons, targets, batch["keys"], strict=True):
+            x = x.to(recon.device).float()
+            value = float(psnr(recon[None].float(), x[None]))
+            pair = torch.cat([x, recon.float()], dim=2)  # (3, H, 2W): original | reconstruction
             save_png(pair, target, overwrite=args.overwrite)
             scores.append((key, value))
             tqdm.write(f"{key}: PSNR {value:.2f} dB -> {target}")  # on its own line, above the progress bar

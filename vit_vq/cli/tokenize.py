@@ -2,7 +2,9 @@
 
 Input: an image folder, a folder saved by `datasets` (`save_to_disk`), or a Hub dataset.
 Output: `codes-00000.safetensors` (or `.npy`) shards with their JSON records, and
-`manifest.json`. Re-running skips finished shards. For several GPUs or machines, launch
+`manifest.json`. `--resize native` (or `budget`) keeps each image's aspect ratio: one grid per
+image with its own shape, stored flat with the shapes (manifest format 3, see
+`vit_vq.pipeline.shards`). Re-running skips finished shards. For several GPUs or machines, launch
 with `torchrun --nproc_per_node N -m vit_vq.cli.main tokenize ...` or `accelerate launch`.
 """
 
@@ -42,9 +44,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.short_side is not None and args.resize not in ("crop", "native"):
+        raise CLIError(f"--short-side goes with --resize native or crop, not --resize {args.resize}")
     opts = TokenizeOptions(
         data=args.data, out=args.out, shard_size=args.shard_size, batch_size=args.batch_size, fmt=args.format,
-        resize=args.resize, split=args.split, image_column=args.image_column, label_column=args.label_column,
+        resize=args.resize, short_side=args.short_side, batch_tokens=args.batch_tokens, split=args.split, image_column=args.image_column, label_column=args.label_column,
         num_workers=args.num_workers, overwrite=args.overwrite,
     )
     with distributed(pick_device(args.device)) as (rank, world):
@@ -61,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         f"({len(result.written)} written, {len(result.reused)} already complete; {world} process(es))",
         file=sys.stderr,
     )
-    notice = resize_notice(m["num_resized"], m["num_images"], m["image_size"])
+    side = args.short_side or m["image_size"]
+    notice = resize_notice(m["num_resized"], m["num_images"], side, args.resize)
     if notice:
         print(notice, file=sys.stderr)
     for item in m["skipped"][:10]:

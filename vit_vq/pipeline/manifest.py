@@ -9,6 +9,7 @@ Written once by rank 0 after every shard is complete. Keys:
     lookup_backend, lookup_precision      how nearest codes were searched
     precision                             encoder compute dtype
     codebook_size, image_size, grid, codes_dtype, shard_format, shard_size, world_size
+    token_budget                          (format 3) the tokens-per-image bound of the run
     data                                  the input (path, split, columns) and resize mode
     num_inputs                            items in the input (readable or not)
     num_images                            images coded (= readable inputs)
@@ -18,6 +19,9 @@ Written once by rank 0 after every shard is complete. Keys:
                                             start, stop, num_images, num_skipped}]
 
 `num_images + len(skipped) == num_inputs` always holds: no image is lost or counted twice.
+A run that keeps each image's aspect ratio (resize `native` / `budget`) writes format 3: `grid`
+is null, `token_budget` is set, and its shards store the grids flat with their `shapes` (see
+`shards`); other runs write format 2 exactly as before.
 Format 1 manifests still load; their `decoder_hash` depended on the compute precision and
 is dropped (`None`) with a warning.
 """
@@ -30,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..config import MAX_GRID_SIZE
 from ..files import atomic_write_json
 from ..fingerprint import sha256_file
 from .runtime import ModelInfo
@@ -37,7 +42,8 @@ from .shards import read_shard
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "vit_vq.tokenized"
-MANIFEST_FORMAT_VERSION = 2  # 2: decoder_hash taken before the precision cast; run
+MANIFEST_FORMAT_VERSION = 3  # 2: decoder_hash taken before the precision cast; run. 3: grids of many shapes
+UNIFORM_MANIFEST_VERSION = 2  # what a run of one grid shape writes
 
 
 def build_manifest(
@@ -47,15 +53,18 @@ def build_manifest(
     num_inputs: int,
     codebook_size: int,
     image_size: int,
-    grid: tuple[int, int],
+    grid: tuple[int, int] | None,
     codes_dtype: str,
     shard_format: str,
     shard_size: int,
     world_size: int,
     data: dict[str, Any],
     run: str,
+    token_budget: int | None = None,
 ) -> dict[str, Any]:
     """Combine the shard records (any order) into a manifest; `run` is the run fingerprint's digest.
+
+    `grid` None: grids of many shapes (format 3, recording `token_budget`).
 
     Raises:
         RuntimeError: the records do not cover `[0, num_inputs)` exactly once, or the counts
@@ -93,9 +102,9 @@ def build_manifest(
                 "num_skipped": len(r["skipped"]),
             }
         )
-    return {
+    manifest = {
         "format": MANIFEST_FORMAT,
-        "format_version": MANIFEST_FORMAT_VERSION,
+        "format_version": UNIFORM_MANIFEST_VERSION if grid is not None else MANIFEST_FORMAT_VERSION,
         "vit_vq_version": __version__,
         "run": run,
         "model": info.model_id,
@@ -107,7 +116,7 @@ def build_manifest(
         "decoder_hash": info.decoder_hash,
         "codebook_size": codebook_size,
         "image_size": image_size,
-        "grid": list(grid),
+        "grid": list(grid) if grid is not None else None,
         "codes_dtype": codes_dtype,
         "shard_format": shard_format,
         "shard_size": shard_size,
@@ -120,6 +129,9 @@ def build_manifest(
         "skipped": skipped,
         "shards": shards,
     }
+    if grid is None:
+        manifest["token_budget"] = token_budget
+    return manifest
 
 
 def write_manifest(out: str | Path, manifest: dict[str, Any]) -> Path:
@@ -174,11 +186,23 @@ def verify_shards(out: str | Path, manifest: dict[str, Any] | None = None) -> li
 
 
 def iter_shards(out: str | Path, manifest: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """Yield every shard in order as `{"codes" [n, h, w] int64, "indices", "labels"?, "keys", "index"}`."""
+    """Yield every shard in order as `{"grids", "shapes", "codes", "indices", "labels"?, "keys", "index"}`:
+    `grids` is each item's int64 `[h_i, w_i]` grid, `shapes` int64 `[n, 2]` their shapes, `codes` the
+    stored array (`[n, h, w]`, or flat `[T]` in a run of many shapes; see `shards.read_shard`).
+
+    Raises:
+        ValueError: a shard's arrays that disagree (see `shards.read_shard`), or a bad `token_budget`.
+    """
     out = Path(out)
     manifest = manifest or load_manifest(out)
+    budget = manifest.get("token_budget")
+    if budget is None:
+        budget = MAX_GRID_SIZE**2
+    elif type(budget) is not int or not 1 <= budget <= MAX_GRID_SIZE**2:
+        raise ValueError(f"{Path(out) / MANIFEST_NAME}: 'token_budget' must be a whole number in [1, {MAX_GRID_SIZE**2}], "
+                         f"got {budget!r}")
     for shard in manifest["shards"]:
-        arrays = read_shard(out, shard["files"])
+        arrays = read_shard(out, shard["files"], max_tokens=budget)
         record = json.loads((out / shard["record"]).read_text())
         yield {**arrays, "keys": record["keys"], "index": shard["index"]}
 

@@ -11,7 +11,11 @@ Input batch: a dict of columns; `image_column` holds encoded image bytes (Ray's
 paths, PIL images, numpy `[H, W, C]` arrays (or one `[B, H, W, C]` array) or tensors
 `[C, H, W]`. Output: a dict with one row per input row:
 
-    codes   [B, h, w] in the smallest unsigned dtype for the codebook (zeros where not ok)
+    codes   [B, h, w] in the smallest unsigned dtype for the codebook (zeros where not ok); under
+            resize="native" / "budget" (grids of many shapes) a list of B uint arrays `[h_i, w_i]`
+            (`[0, 0]` where not ok), which Ray stores as a variable-shaped tensor column and `datasets`
+            as nested lists
+    shape   (native / budget only) [B, 2] int64: each row's grid `(h, w)` (`(0, 0)` where not ok)
     ok      [B] bool: the image was readable (and of the right size under resize="none")
     error   [B] str: why not ("" when ok), starting with the row (`row 17 (photos/x.jpg): ...`: the
             dataset's row index under `map_dataset` or `map(..., with_indices=True)`, else the
@@ -34,11 +38,12 @@ import numpy as np
 import torch
 
 from ..data import load_image, load_image_cell
-from ..preprocess import resize_center_crop, to_tensor
+from ..preprocess import to_tensor
 from ..tokenizer import ViTVQTokenizer
+from .batching import check_batch_tokens, encode_images
 from .codes import smallest_uint_dtype, to_storage
 from .runtime import ModelInfo, load_tokenizer, prepare_for_inference, weights_fingerprint
-from .sources import RESIZE_MODES, ResizeMode
+from .sources import RESIZE_MODES, WHOLE_IMAGE_MODES, ImageSizer, ResizeMode
 
 # What one unreadable row may raise; anything else (a bug, a broken model) still stops the job.
 ROW_ERRORS = (ValueError, TypeError, OSError, MemoryError, RuntimeError)
@@ -77,7 +82,13 @@ class TokenizeBatch:
         revision: Hub revision. device: `"auto"`, `"cpu"`, `"cuda"`, ...
         precision: `"auto"` (bf16 on CUDA, else fp32), `"fp32"`, `"bf16"`, `"fp16"`.
         compile: `torch.compile` the encoder on first use.
-        resize: `"crop"` (resize short side + center crop) or `"none"` (other sizes -> `ok=False`).
+        resize: `"crop"` (resize short side + center crop), `"native"` (whole image, short side to the
+            model's, or `short_side`), `"budget"` (whole image, largest size within the token budget) or
+            `"none"` (other sizes -> `ok=False`); see `sources.ImageSizer`. An image over the model's token
+            budget is a row with `ok=False`.
+        short_side: the short side (`"native"`) or square side (`"crop"`) in pixels.
+        batch_tokens: tokens per forward pass (`batching`); a batch of many shapes is coded in passes
+            of one shape each.
 
     Raises:
         ValueError: an unknown `resize`. KeyError (on call): a missing image or passthrough column.
@@ -97,9 +108,13 @@ class TokenizeBatch:
         precision: str = "auto",
         compile: bool = False,
         resize: ResizeMode = "crop",
+        short_side: int | None = None,
+        batch_tokens: int | None = None,
     ) -> None:
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        ImageSizer(1, resize, short_side=short_side)  # the same checks as on first call, now
+        self.short_side, self.batch_tokens = short_side, check_batch_tokens(batch_tokens)
         self.model = model
         self.image_column = image_column
         self.passthrough = tuple(passthrough)
@@ -145,15 +160,13 @@ class TokenizeBatch:
             if name not in batch:
                 raise KeyError(f"batch has no column {name!r}; its columns are {sorted(batch)}")
         images = batch[self.image_column]
-        S, g = tok.config.image_size, tok.config.grid_size
+        cfg = tok.config
+        sizer = ImageSizer(cfg.image_size, self.resize, patch_size=cfg.patch_size, max_tokens=cfg.token_budget,
+                           short_side=self.short_side)
         pixels, rows, errors = [], [], []
         for i in range(len(images)):
             try:
-                img = _decode_image(images[i])
-                if tuple(img.shape[1:]) != (S, S):
-                    if self.resize == "none":
-                        raise ValueError(f"image is {img.shape[2]}x{img.shape[1]} px but the model takes {S}x{S}")
-                    img = resize_center_crop(img, S)
+                img, _ = sizer.fit(_decode_image(images[i]))
             except ROW_ERRORS as err:  # ValueErrors say what they are; others are named
                 reason = str(err)[:500] if isinstance(err, ValueError) else f"{type(err).__name__}: {str(err)[:500]}"
                 errors.append(f"{_row_name(images[i], i, indices)}: {reason}")
@@ -161,12 +174,24 @@ class TokenizeBatch:
             pixels.append(img)
             rows.append(i)
             errors.append("")
-        codes = np.zeros((len(images), g, g), dtype=smallest_uint_dtype(tok.config.codebook_size))
-        if pixels:
-            device = next(tok.parameters()).device
-            codes[rows] = to_storage(tok.encode(torch.stack(pixels).to(device)), tok.config.codebook_size)
+        grids = encode_images(tok, pixels, batch_size=max(1, len(pixels)), batch_tokens=self.batch_tokens,
+                              out_device="cpu")  # (h, w) each
+        shape = np.zeros((len(images), 2), dtype=np.int64)
+        shape[rows] = [tuple(g.shape) for g in grids] if grids else np.zeros((0, 2), np.int64)
+        dtype = smallest_uint_dtype(cfg.codebook_size)
         out: dict[str, Any] = {name: batch[name] for name in self.passthrough}
-        out.update(codes=codes, ok=np.array([e == "" for e in errors], dtype=bool), error=np.array(errors, dtype=object))
+        if self.resize in WHOLE_IMAGE_MODES:
+            codes: Any = [np.zeros((0, 0), dtype=dtype) for _ in range(len(images))]
+            for i, grid in zip(rows, grids, strict=True):
+                codes[i] = to_storage(grid, cfg.codebook_size)
+            out["shape"] = shape
+        else:
+            side = sizer.size // cfg.patch_size
+            codes = np.zeros((len(images), side, side), dtype=dtype)
+            if grids:
+                codes[rows] = to_storage(torch.stack(grids), cfg.codebook_size)
+        out.update(codes=codes, ok=np.array([e == "" for e in errors], dtype=bool),
+                   error=np.array(errors, dtype=object))
         return out
 
     def map_dataset(self, ds: Any, *, batch_size: int = 64, **map_kwargs: Any) -> Any:

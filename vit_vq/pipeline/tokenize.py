@@ -41,7 +41,8 @@ from .manifest import MANIFEST_NAME, build_manifest, write_manifest
 from .outdir import exclude_folder, remove_stale_shards, tokenize_lock
 from .runtime import ModelInfo
 from .shards import ShardFormat, ShardSpec, data_files, is_complete, plan_shards, record_path, shards_for_rank, write_shard
-from .sources import ModelSizedImages, ResizeMode, collate_sized
+from .batching import encode_images, lookahead
+from .sources import WHOLE_IMAGE_MODES, ModelSizedImages, ResizeMode, collate_sized
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,12 @@ class TokenizeOptions:
 
     data: an image folder, a saved `datasets` folder or a Hub dataset name.
     out: the output folder (shards, shard records, `manifest.json`).
-    shard_size: input items per shard. batch_size: images per forward pass.
-    fmt: `"safetensors"` or `"npy"`. resize: `"crop"` or `"none"` (other sizes are skipped, with a reason).
+    shard_size: input items per shard. batch_size: images per forward pass, at most `batch_tokens`
+        tokens (default `batching.DEFAULT_BATCH_TOKENS`) in one pass, of one grid shape.
+    fmt: `"safetensors"` or `"npy"`. resize: `"crop"`, `"native"`, `"budget"` or `"none"` (other sizes
+        are skipped, with a reason); see `sources.ModelSizedImages`. `native` and `budget` keep each
+        image's aspect ratio: grids of many shapes, stored flat with their shapes (manifest format 3).
+    short_side: the short side (`native`) or square side (`crop`) in pixels instead of the model's.
     split / image_column / label_column: for `datasets` inputs; labels are stored when a column is named.
     overwrite: rewrite files this run did not make (shards and a manifest of a different run,
         shard files without a record) instead of refusing, and remove earlier runs' shard files
@@ -69,6 +74,8 @@ class TokenizeOptions:
     batch_size: int = 64
     fmt: ShardFormat = "safetensors"
     resize: ResizeMode = "crop"
+    short_side: int | None = None
+    batch_tokens: int | None = None
     split: str = "train"
     image_column: str = "image"
     label_column: str | None = None
@@ -156,6 +163,7 @@ def _run_fingerprint(opts: TokenizeOptions, info: ModelInfo, source: Any) -> dic
         "shard_size": opts.shard_size,
         "format": opts.fmt,
         "resize": opts.resize,
+        **({"short_side": opts.short_side} if opts.short_side is not None else {}),  # runs without it keep their digest
     }
 
 
@@ -201,7 +209,7 @@ def _foreign_files(out: Path, spec: ShardSpec, opts: TokenizeOptions) -> list[st
     """Data files of shard `spec` that exist without a record (only ever written by a run before its record)."""
     if record_path(out, spec).is_file():
         return []
-    names = data_files(opts.fmt, spec.stem, opts.label_column is not None).values()
+    names = data_files(opts.fmt, spec.stem, opts.label_column is not None, _flat(opts)).values()
     return [f"{name} exists but no record of this run describes it" for name in names if (out / name).exists()]
 
 
@@ -209,8 +217,14 @@ def _shard_names(num_items: int, opts: TokenizeOptions) -> set[str]:
     """Every shard file and record name a run of `opts` over `num_items` items writes."""
     names = set()
     for spec in plan_shards(num_items, opts.shard_size):
-        names |= {record_path(Path(), spec).name, *data_files(opts.fmt, spec.stem, opts.label_column is not None).values()}
+        names |= {record_path(Path(), spec).name,
+                  *data_files(opts.fmt, spec.stem, opts.label_column is not None, _flat(opts)).values()}
     return names
+
+
+def _flat(opts: TokenizeOptions) -> bool:
+    """Whether the run keeps aspect ratios, so its shards store grids of many shapes flat."""
+    return opts.resize in WHOLE_IMAGE_MODES
 
 
 def _manifest_conflict(out: Path, run_digest: str) -> str | None:
@@ -322,8 +336,10 @@ def _code_and_collect(
     specs = [spec for spec, _ in pending]
     cfg = tok.config
     device = next(tok.parameters()).device
-    dataset = ModelSizedImages(source, cfg.image_size, opts.resize)
-    plan = _batches(specs, opts.batch_size)
+    flat = _flat(opts)
+    dataset = ModelSizedImages(source, cfg.image_size, opts.resize, patch_size=cfg.patch_size,
+                               max_tokens=cfg.token_budget, short_side=opts.short_side)
+    plan = _batches(specs, lookahead(cfg, opts.batch_size, opts.batch_tokens, uniform=not flat))
     loader = DataLoader(  # only iterated when there is work: iterating starts the workers
         dataset,
         batch_sampler=[positions for _, positions, _ in plan],
@@ -333,15 +349,15 @@ def _code_and_collect(
         persistent_workers=False,
     )
     dtype = smallest_uint_dtype(cfg.codebook_size)
-    empty = np.zeros((0, cfg.grid_size, cfg.grid_size), dtype=dtype)
+    side = dataset.size // cfg.patch_size  # the square grid of a crop / none run
     acc: dict[str, Any] = {}
     bar = tqdm(total=sum(s.stop - s.start for s in specs), unit="img", desc="tokenize", disable=not progress or rank != 0)
     for (spec, positions, last), batch in zip(plan, loader if plan else [], strict=True):
         if not acc:
             acc = {"codes": [], "indices": [], "labels": [], "keys": [], "skipped": [], "resized": 0}
         if batch["pixels"] is not None:
-            codes = tok.encode(batch["pixels"].to(device, non_blocking=True))  # (b, h, w)
-            acc["codes"].append(to_storage(codes, cfg.codebook_size))
+            acc["codes"] += encode_images(tok, batch["pixels"], batch_size=opts.batch_size,
+                                          batch_tokens=opts.batch_tokens, out_device="cpu")  # (h, w) each, in order
         acc["indices"] += batch["indices"]
         acc["labels"] += batch["labels"].tolist()
         acc["keys"] += batch["keys"]
@@ -349,10 +365,12 @@ def _code_and_collect(
         acc["resized"] += batch["resized"]
         bar.update(len(positions))
         if last:
+            codes, shapes = _shard_arrays(acc["codes"], flat, (side, side), cfg.codebook_size)
             records.append(
                 write_shard(
                     out, spec,
-                    codes=np.concatenate(acc["codes"]) if acc["codes"] else empty,
+                    codes=codes,
+                    shapes=shapes,
                     indices=acc["indices"],
                     labels=acc["labels"] if opts.label_column else None,
                     keys=acc["keys"],
@@ -379,18 +397,31 @@ def _code_and_collect(
             num_inputs=len(source),
             codebook_size=cfg.codebook_size,
             image_size=cfg.image_size,
-            grid=(cfg.grid_size, cfg.grid_size),
+            grid=None if flat else (side, side),
+            token_budget=cfg.token_budget if flat else None,
             codes_dtype=str(dtype),
             shard_format=opts.fmt,
             shard_size=opts.shard_size,
             world_size=world_size,
-            data={k: run[k] for k in ("data", "split", "image_column", "label_column", "resize")},
+            data={k: run[k] for k in ("data", "split", "image_column", "label_column", "resize", "short_side") if k in run},
             run=run_digest,
         )
         write_manifest(out, result.manifest)
     if world_size > 1:
         dist.barrier()  # nobody leaves before the manifest exists
     return result
+
+
+def _shard_arrays(
+    grids: list[torch.Tensor], flat: bool, grid: tuple[int, int], codebook_size: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A shard's `(codes, shapes)`: `[n, h, w]` and None, or (`flat`) `[T]` and int64 `[n, 2]`; smallest uint dtype."""
+    if not flat:
+        stacked = torch.stack(grids) if grids else torch.zeros(0, *grid, dtype=torch.int64)
+        return to_storage(stacked, codebook_size), None
+    shapes = np.array([tuple(g.shape) for g in grids], dtype=np.int64).reshape(-1, 2)
+    joined = torch.cat([g.reshape(-1) for g in grids]) if grids else torch.zeros(0, dtype=torch.int64)
+    return to_storage(joined, codebook_size), shapes
 
 
 __all__ = [
