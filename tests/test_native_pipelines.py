@@ -276,26 +276,30 @@ def test_datasets_rows_keep_their_grids(tiny_tokenizer_dir, tok, photos):
 
 
 @pytest.mark.slow
-def test_ray_rows_keep_their_grids(tiny_tokenizer_dir, tok, photos):
+def test_ray_example_keeps_each_grid_and_reads_it_back(tmp_path, mixed_dir, tiny_tokenizer_dir, tok):
+    """`examples/tokenize_with_ray.py --resize native`: Ray reads bytes, TokenizeBatch actors code whole images,
+    Parquet is written, and `read_codes` (pyarrow only) gives each image's grid back with its shape."""
+    import importlib.util
+
     ray = pytest.importorskip("ray", reason="ray[data] is not installed")
+    path = Path(__file__).resolve().parents[1] / "examples" / "tokenize_with_ray.py"
+    spec = importlib.util.spec_from_file_location("tokenize_with_ray", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        rows = encoded_rows(photos, SIZES[:5])
-        ds = ray.data.from_items(rows).map_batches(
-            TokenizeBatch, fn_constructor_kwargs={"model": str(tiny_tokenizer_dir), "image_column": "bytes",
-                                                  "passthrough": ("path",), "device": "cpu", "resize": "native"},
-            batch_size=3, batch_format="numpy", concurrency=1,
-        )
-        result = {r["path"]: r for r in ds.take_all()}
+        out = tmp_path / "codes"
+        assert example.main(["--data", str(mixed_dir), "--out", str(out), "--model", str(tiny_tokenizer_dir),
+                             "--batch-size", "3", "--workers", "1", "--gpus-per-worker", "0", "--precision", "fp32",
+                             "--resize", "native"]) == 0
     finally:
         ray.shutdown()
-    assert len(result) == 5
-    for row in rows:
-        r = result[row["path"]]
-        expected = tok.encode(tok.preprocess(load_image(io.BytesIO(row["bytes"])), resize="native"))[0]
-        assert list(r["shape"]) == list(expected.shape) and bool(r["ok"])
-        assert torch.equal(torch.from_numpy(np.asarray(r["codes"]).astype(np.int64)), expected), row["path"]
+    grids, paths = example.read_codes(str(out))
+    assert sorted(Path(p).name for p in paths) == sorted(p.name for p in mixed_dir.rglob("*.png") if p.name != OVER_BUDGET)
+    assert len({g.shape for g in grids}) == 5
+    for grid, p in zip(grids, paths, strict=True):
+        assert torch.equal(torch.from_numpy(grid.astype(np.int64)), reference(tok, Path(p))), p
 
 
 # -- the AR example -------------------------------------------------------------------------
