@@ -293,3 +293,14 @@ def test_preprocess_modes():
         tok.preprocess(wide, "stretch")
     with pytest.raises(ValueError, match="short_side must be a positive int"):
         tok.preprocess(wide, "native", short_side=0)
+
+
+@pytest.mark.parametrize("position_embedding", ["learned", "rope2d"])
+def test_position_encodings_trace_under_torch_compile(position_embedding):
+    tok = tiny(position_embedding=position_embedding)
+    x, z = torch.rand(2, 3, 32, 48), torch.randn(2, 96, 8)
+    encoder = torch.compile(tok.encoder, backend="eager", fullgraph=True)  # no graph break in the caches
+    decoder = torch.compile(tok.decoder, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), tok.encoder(x))
+        torch.testing.assert_close(decoder(z, (8, 12)), tok.decoder(z, (8, 12)))

@@ -181,18 +181,21 @@ class Rope2D(nn.Module):
         self, grid: tuple[int, int], prefix: int = 0, device: torch.device | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(cos, sin)`, float32 `[prefix + h*w, head_dim / 2]`, for `Attention(..., rope=)`."""
+        if torch.compiler.is_compiling():
+            return self._compute(grid, prefix, device)
         key = (tuple(grid), prefix, str(device), torch.is_inference_mode_enabled())
-        if not torch.compiler.is_compiling() and key in self._cache:
+        if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
+        value = self._cache[key] = self._compute(grid, prefix, device)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return value
+
+    def _compute(self, grid: tuple[int, int], prefix: int, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device_type=torch.device(device or "cpu").type, enabled=False):
             theta = F.pad(self.angles(grid, device), (0, 0, prefix, 0))  # (prefix + h*w, hs/2): prefix angles 0
-            value = (theta.cos(), theta.sin())
-        if not torch.compiler.is_compiling():
-            self._cache[key] = value
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return value
+            return theta.cos(), theta.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -364,8 +364,8 @@ class ViTVQTokenizer(
             torch_dtype: compute dtype of the encoder and decoder (e.g. `torch.bfloat16`); the
                 codebook stays float32. `dtype=` (transformers 5's name) is accepted too.
             strict: must be True: a partial load would silently give a different tokenizer.
-            device_map: refused (a tokenizer is not sharded across devices); use `map_location`.
 
+        `device_map=` is refused (a tokenizer is not sharded across devices); use `map_location`.
         The safetensors header is checked against `config.json` before anything is allocated
         (see `vit_vq.loading`).
 
