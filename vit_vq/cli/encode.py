@@ -3,8 +3,9 @@
 The codes file holds the code grids with the image names, the grid shape(s), the model id,
 revision and config hash, and the lookup backend and precision (see
 `vit_vq.pipeline.codes`). With `--resize native` (or `budget`) each image keeps its aspect ratio
-and gets a grid of its own shape; images of one shape are coded together, within `--batch-tokens`. `vit-vq decode` turns it back into images. An existing file at
-`-o` is replaced only with `--overwrite` (checked before any work).
+and gets a grid of its own shape; images of one shape are coded together, within `--batch-tokens`.
+`vit-vq decode` turns it back into images. An existing file at `-o` is replaced only with
+`--overwrite` (checked before any work).
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--short-side goes with --resize native or crop, not --resize {args.resize}")
     opts = TokenizeOptions(
         data=args.data, out=args.out, shard_size=args.shard_size, batch_size=args.batch_size, fmt=args.format,
-        resize=args.resize, short_side=args.short_side, batch_tokens=args.batch_tokens, split=args.split, image_column=args.image_column, label_column=args.label_column,
+        resize=args.resize, short_side=args.short_side, batch_tokens=args.batch_tokens, split=args.split,
+        image_column=args.image_column, label_column=args.label_column,
         num_workers=args.num_workers, overwrite=args.overwrite,
     )
     with distributed(pick_device(args.device)) as (rank, world):

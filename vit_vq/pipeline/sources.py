@@ -219,4 +219,7 @@ def resize_notice(resized: int, total: int, size: int, resize: ResizeMode = "cro
     return f"resized {resized} of {total} images {how}"
 
 
-__all__ = ["FileImages", "ImageSizer", "ModelSizedImages", "collate_sized", "resize_notice", "ResizeMode", "RESIZE_MODES", "WHOLE_IMAGE_MODES"]
+__all__ = [
+    "FileImages", "ImageSizer", "ModelSizedImages", "collate_sized", "resize_notice", "ResizeMode", "RESIZE_MODES",
+    "WHOLE_IMAGE_MODES",
+]

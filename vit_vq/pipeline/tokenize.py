@@ -36,12 +36,12 @@ from ..data import open_image_source
 from ..files import FolderInUseError, FolderLock, mark_output, read_json_file
 from ..fingerprint import files_stat_fingerprint, inputs_fingerprint, text_digest
 from ..tokenizer import ViTVQTokenizer
+from .batching import encode_images, lookahead
 from .codes import smallest_uint_dtype, to_storage
 from .manifest import MANIFEST_NAME, build_manifest, write_manifest
 from .outdir import exclude_folder, remove_stale_shards, tokenize_lock
 from .runtime import ModelInfo
 from .shards import ShardFormat, ShardSpec, data_files, is_complete, plan_shards, record_path, shards_for_rank, write_shard
-from .batching import encode_images, lookahead
 from .sources import WHOLE_IMAGE_MODES, ModelSizedImages, ResizeMode, collate_sized
 
 logger = logging.getLogger(__name__)
