@@ -100,7 +100,7 @@ def test_datasets_input_with_labels_npy_and_conflicts(capsys, tmp_path, photos, 
     manifest = load_manifest(out)
     assert manifest["num_images"] == 5 and manifest["skipped"] == [] and manifest["shard_format"] == "npy"
     shard_files = [f"codes-0000{k}{ext}" for k in (0, 1) for ext in (".json", ".npy", ".indices.npy", ".labels.npy")]
-    assert sorted(os.listdir(out)) == sorted(["manifest.json", ".vit_vq-tokenize.lock", *shard_files])
+    assert sorted(os.listdir(out)) == sorted(["manifest.json", ".vit_vq-tokenize.lock", ".vit_vq-output", *shard_files])
     assert np.load(out / "codes-00000.npy").dtype == np.uint8
     tok = ViTVQTokenizer.from_pretrained(tiny_tokenizer_dir)
     shards = list(iter_shards(out))

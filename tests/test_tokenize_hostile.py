@@ -191,7 +191,7 @@ def test_overwrite_removes_the_previous_runs_extra_shards_only(capsys, tmp_path,
     assert "different run" in capsys.readouterr().err
     assert main(tokenize_argv(photo_dir, out, tiny_tokenizer_dir, "--shard-size", "4", "--overwrite")) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted([
-        ".vit_vq-tokenize.lock", "manifest.json", "notes.txt",
+        ".vit_vq-output", ".vit_vq-tokenize.lock", "manifest.json", "notes.txt",
         "codes-00000.json", "codes-00000.safetensors", "codes-00001.json", "codes-00001.safetensors",  # this run
         "codes-00007.npy", "codes-00002.indices.npy", "codes-00002.json",  # not the previous run's bytes: kept
         "codes-00005.npy", "codes-00005.json",  # a link is never removed, nor the record that names it

@@ -267,8 +267,6 @@ def tokenize_dataset(
     out = Path(opts.out).expanduser()
     source = _open_source(opts, out)
     out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        mark_output(out, "vit-vq tokenize")
     with _locked(out, rank, world_size) as (lock, previous_run):
         run = _run_fingerprint(opts, info, source)
         run_digest = _digest(run)
@@ -286,6 +284,7 @@ def tokenize_dataset(
             if opts.overwrite:
                 remove_stale_shards(out, _shard_names(len(source), opts))
             lock.claim(run_digest)
+            mark_output(out, "vit-vq tokenize")  # only once the run owns the folder
         return _code_and_collect(tok, info, opts, out, source, run, run_digest, records, pending, rank, world_size, progress)
 
 
