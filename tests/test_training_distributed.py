@@ -59,6 +59,7 @@ def test_two_processes_keep_identical_codebooks_and_weights(tmp_path, train_phot
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "ACCELERATE_LOG_LEVEL": "warning"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "broadcast_buffers" not in proc.stderr  # torch >= 2.13 deprecates it; the Trainer passes forward_sync_buffers
     r0, r1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
     assert int(r0["world"]) == 2 and int(r0["step"]) == 3
     assert not torch.equal(r0["recent"], r1["recent"])  # the ranks saw different images
