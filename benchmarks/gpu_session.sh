@@ -50,8 +50,8 @@ if has default; then
   ls "$D" > "$R/default_files.txt" 2>&1; pack
 fi
 if has lookup; then
-  extra=(); [ -n "${LOOKUP_CASES:-}" ] && extra=(--cases "$LOOKUP_CASES" --methods "${LOOKUP_METHODS:-naive,cdist,exact,exact_codebook,fast}")
-  timeout "${LOOKUP_S:-300}" python benchmarks/bench_lookup.py --out "$R/lookup" "${extra[@]}" > "$R/lookup.log" 2>&1
+  extra=(); [ -n "${LOOKUP_CASES:-}" ] && extra=(--cases "$LOOKUP_CASES" --methods "${LOOKUP_METHODS:-naive,cdist,exact,exact_codebook,exact_tf32x3,fast}")
+  timeout "${LOOKUP_S:-420}" python benchmarks/bench_lookup.py --out "$R/lookup" "${extra[@]}" > "$R/lookup.log" 2>&1
   echo "lookup rc=$?"; tail -30 "$R/lookup.log"; pack
   timeout "${LOOKUP_REAL_S:-90}" python benchmarks/bench_lookup.py --out "$R/lookup_real" --latents real --no-checks \
       --methods naive,exact,exact_codebook,fast > "$R/lookup_real.log" 2>&1
