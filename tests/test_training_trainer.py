@@ -248,6 +248,7 @@ def test_every_run_ends_with_a_sample_of_the_exported_model_and_logs_every_n_ste
     trainer = Trainer(cfg)
     result = trainer.train()
     assert result.sample == tmp_path / "run" / "samples" / "step-0000010.png"
+    assert (tmp_path / "run" / ".vit_vq-output").is_file()  # marked: a run inside its data never reads it back
     with Image.open(result.sample) as im:
         grid = np.asarray(im.convert("RGB"))  # (2 rows, 3 columns) of 32 px images, 2 px padding
     assert grid.shape == (2 * 34 + 2, 3 * 34 + 2, 3)

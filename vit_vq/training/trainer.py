@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import ViTVQConfig
+from ..files import mark_output
 from ..metrics import psnr
 from ..tokenizer import ViTVQTokenizer
 from .checkpoint import EMA_NAME, TrainerState, list_checkpoints, load_checkpoint, remove_stale_temporaries, resolve_resume
@@ -383,6 +384,7 @@ class Trainer:
         if acc.is_main_process:
             remove_stale_temporaries(self.output)
             self.output.mkdir(parents=True, exist_ok=True)
+            mark_output(self.output, "vit-vq train")  # a run inside its own data folder never trains on its outputs
             (self.output / "train_config.yaml").write_text(cfg.to_yaml())
         acc.init_trackers("logs", config=tracker_config(cfg.to_dict()))
         self._log_header()
