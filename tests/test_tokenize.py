@@ -81,7 +81,7 @@ def test_two_processes_resume_and_decode(tmp_path, data_with_corrupt, tiny_token
     others = {p.name: p.stat().st_mtime_ns for p in out.glob("codes-*.safetensors")}
     proc = torchrun("--data", data_with_corrupt, "--out", out, "--model", tiny_tokenizer_dir, "--shard-size", "2")
     assert proc.returncode == 0, proc.stderr
-    assert "(1 written, 3 already complete; 2 process(es))" in proc.stderr
+    assert "(1 written, 3 already complete; 2 processes)" in proc.stderr
     assert victim.is_file()
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("codes-*.safetensors") if p != victim} == others
     assert (out / "manifest.json").read_bytes() == before

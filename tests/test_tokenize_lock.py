@@ -77,7 +77,7 @@ def test_second_concurrent_run_is_refused_with_the_holders_pid(capsys, tmp_path,
         os.killpg(holder.pid, signal.SIGKILL)  # a killed holder: the kernel drops its lock
         holder.communicate()
     assert main(argv) == 0
-    assert "(2 written, 1 already complete; 1 process(es))" in capsys.readouterr().err
+    assert "(2 written, 1 already complete; 1 process)" in capsys.readouterr().err
     assert_codes_match_api(out, photo_dir, tiny_tokenizer_dir)
 
 

@@ -48,7 +48,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help=f"tokens per forward pass, the activation budget: fewer images go in a pass when their grids are "
         f"large, never fewer than one (default {DEFAULT_BATCH_TOKENS})",
     )
-    g.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes (default 2; 0 = in-process)")
+    g.add_argument(
+        "--num-workers", type=int, default=default_workers(),
+        help=f"image-decoding worker processes (default {default_workers()}: the CPUs available, at most 4; 0 = in-process)",
+    )
 
 
 def add_resize_arg(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +89,17 @@ def images_per_read(tok: ViTVQTokenizer, args: argparse.Namespace) -> int:
     """Images a loader batch holds: a pass's worth at one shape, more to group by shape at several."""
     uniform = args.resize in ("crop", "none")
     return lookahead(tok.config, args.batch_size, getattr(args, "batch_tokens", None), uniform=uniform)
+
+
+def default_workers() -> int:
+    """Image-decoding workers by default: the CPUs this process may use, at most 4."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cpus))
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """`1 image`, `2 images` (`many` for irregular plurals: `plural(2, "process", "processes")`)."""
+    return f"{count} {word if count == 1 else many or word + 's'}"
 
 
 def positive_int(text: str) -> int:
@@ -345,6 +359,8 @@ def output_names(names: list[str], suffix: str = ".png") -> list[Path]:
 __all__ = [
     "add_model_args",
     "add_resize_arg",
+    "plural",
+    "default_workers",
     "sized_images",
     "images_per_read",
     "load_model",

@@ -30,6 +30,7 @@ from .common import (
     check_writable,
     device_of,
     output_names,
+    plural,
     progress,
     refuse_existing,
     save_png,
@@ -136,5 +137,5 @@ def run(args: argparse.Namespace) -> int:
             save_png(img, out / paths[i], overwrite=args.overwrite)
         bar.update(len(images))
     bar.close()
-    print(f"wrote {len(paths)} images to {out}", file=sys.stderr)
+    print(f"wrote {plural(len(paths), 'image')} to {out}", file=sys.stderr)
     return 0

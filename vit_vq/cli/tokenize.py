@@ -17,7 +17,7 @@ from ..pipeline.runtime import pick_device
 from ..pipeline.shards import SHARD_FORMATS
 from ..pipeline.sources import resize_notice
 from ..pipeline.tokenize import CONFLICT_ADVICE, TokenizeOptions, distributed, tokenize_dataset
-from .common import add_model_args, add_resize_arg, positive_int, setup_model
+from .common import add_model_args, add_resize_arg, plural, positive_int, setup_model
 from .main import CLIError
 
 
@@ -61,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
     if result.manifest is None:
         return 0
     m = result.manifest
+    processes = plural(world, "process", "processes")
     print(
-        f"coded {m['num_images']} of {m['num_inputs']} inputs into {len(m['shards'])} shards in {args.out} "
-        f"({len(result.written)} written, {len(result.reused)} already complete; {world} process(es))",
+        f"coded {m['num_images']} of {plural(m['num_inputs'], 'input')} into {plural(len(m['shards']), 'shard')} in "
+        f"{args.out} ({len(result.written)} written, {len(result.reused)} already complete; {processes})",
         file=sys.stderr,
     )
     side = args.short_side or m["image_size"]
