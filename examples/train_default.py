@@ -9,6 +9,11 @@ with aspect jitter, at a random place, resized to the model's side; then a rando
 view is seeded by `(seed, index)`, so a run with the same `--steps` and `--seed` sees the same data.
 `--views device` makes views of the same distribution on the training device instead, from the photos
 held there (`vit_vq.training.views`; a different, equally seeded stream): no data-loader processes.
+`--aspect-range LO HI` and `--train-tokens N` (`--min-train-tokens M`) train on views of many shapes
+instead (`vit_vq.training.buckets`: each batch one shape, its aspect ratio log-uniform in [LO, HI] and
+its grid the largest of that aspect within a budget log-uniform in [M, N] tokens); left out, the
+run sees exactly the square stream the shipped model was trained on. The evaluation always adds
+`heldout_native_psnr`: the held-out photos whole, at their own aspect ratio, short side = the model's side.
 
 `--init-from FOLDER` warm-starts from a trained tokenizer of the same architecture (e.g.
 `vit_vq/assets/default_v1`, the 0.1 default, which has the `pixel_shuffle` head and the straight-through
@@ -132,6 +137,21 @@ def view_transform(size: int, *, hflip: bool = True) -> TrainTransform:
     return TrainTransform(size, scales="log_uniform", whole_prob=WHOLE_PROB, hflip=hflip)
 
 
+class Photos(Dataset):
+    """`length` items cycling through `photos` (item j: photo `j % len(photos)`), whole, for the Trainer's
+    own views (training at many shapes: its loader cuts each view at its batch's shape)."""
+
+    def __init__(self, names: list[str], photos: list[torch.Tensor], length: int) -> None:
+        self.names, self.photos, self.length = names, photos, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        k = j % len(self.photos)
+        return {"pixels": self.photos[k], "key": f"{self.names[k]}#{j}", "label": -1, "error": None}
+
+
 class PhotoCrops(Dataset):
     """`length` seeded views of `photos` (item j: photo `j % len(photos)`), as Trainer items."""
 
@@ -184,6 +204,11 @@ def evaluate(tok, pack: Path, train_crops: int = 1024) -> dict[str, Any]:
     r_patches, c_patches = run_model(tok, patches)
     r_crops, c_crops = run_model(tok, crops)
     p_views, s_views = psnr(r_views, views), ssim(r_views, views)
+    native = [tok.preprocess(p.float() / 255, "native")[0] for p in h_photos]  # whole, aspect kept, short side S
+    device = next(tok.parameters()).device
+    with torch.no_grad():
+        r_native = tok.decode(tok.encode([x.to(device) for x in native]))
+    p_native = torch.stack([psnr(r[None].float().cpu(), x[None]) for r, x in zip(r_native, native, strict=True)])
     K = tok.config.codebook_size
     used_heldout = torch.cat([c_views.flatten(), c_patches.flatten()]).unique().numel()
     used_all = torch.cat([c_views.flatten(), c_patches.flatten(), c_crops.flatten()]).unique().numel()
@@ -192,6 +217,7 @@ def evaluate(tok, pack: Path, train_crops: int = 1024) -> dict[str, Any]:
         "heldout_ssim": s_views.mean().item(),
         "heldout_per_photo": {n: {"psnr": round(a, 2), "ssim": round(b, 4)}
                               for n, a, b in zip(h_names, p_views.tolist(), s_views.tolist(), strict=True)},
+        "heldout_native_psnr": p_native.mean().item(),
         "heldout_crops_psnr": psnr(r_patches, patches).mean().item(),
         "heldout_crops_ssim": ssim(r_patches, patches).mean().item(),
         "train_crops_psnr": psnr(r_crops, crops).mean().item(),
@@ -428,13 +454,15 @@ def warm_start(tok, folder: Path) -> list[str]:
     return list(missing)
 
 
-def seconds_per_step(tok, batch_size: int, device: torch.device, lr: float) -> float:
-    """Wall time of one optimizer step of a throwaway copy of `tok` (median of 3, after 1 warm-up)."""
+def seconds_per_step(tok, batch_size: int, device: torch.device, lr: float, side: int | None = None) -> float:
+    """Wall time of one optimizer step of a throwaway copy of `tok` on `side`-px squares (default: the model's;
+    median of 3, after 1 warm-up)."""
     import copy
 
     model = copy.deepcopy(tok).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    x = torch.rand(batch_size, 3, tok.config.image_size, tok.config.image_size, device=device)
+    side = side or tok.config.image_size
+    x = torch.rand(batch_size, 3, side, side, device=device)
     times = []
     for _ in range(4):
         start = time.perf_counter()
@@ -464,6 +492,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--views", choices=("loader", "device"), default="loader",
                    help="where the views are made: data-loader processes (TrainTransform), or cut on the training "
                    "device from the photos held there (vit_vq.training.views.DeviceViews; same distribution, another stream)")
+    p.add_argument("--aspect-range", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="train on views of many shapes: aspect ratios (width / height) log-uniform in [LO, HI], one "
+                   "shape per batch (default: the square views the shipped model was trained on)")
+    p.add_argument("--train-tokens", type=int, metavar="N", help="the most tokens of a view's grid (default: 256, "
+                   "the model's 16x16); with it, views of many shapes")
+    p.add_argument("--min-train-tokens", type=int, metavar="M", help="the fewest tokens a batch's grid is sized for "
+                   "(default: --train-tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-crops", type=int, default=1024, help="seeded training crops for training PSNR and codebook usage")
     p.add_argument("--init-from", type=Path, metavar="FOLDER", help="warm start from this tokenizer (same architecture)")
@@ -476,6 +511,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.card_only:
         write_card(args.card_only, args.data, args.docs)
         return 0
+    shaped = {k: v for k, v in (("aspect_range", args.aspect_range), ("train_tokens", args.train_tokens),
+                                ("min_train_tokens", args.min_train_tokens)) if v is not None}
+    if shaped and args.views == "device":
+        p.error("--views device cuts square views only; views of many shapes (--aspect-range, --train-tokens) are "
+                "made by the data loader (--views loader)")
 
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before accelerate picks a device
@@ -505,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps
     if steps is None:
         minutes = args.minutes or 40.0
-        per_step = seconds_per_step(tok, batch, device, lr)
+        tokens = args.train_tokens or tok.config.num_tokens  # time the largest views: squares of that many tokens
+        per_step = seconds_per_step(tok, batch, device, lr, math.isqrt(tokens) * MODEL["patch_size"])
         if args.views == "device":
             from vit_vq.training.views import DeviceViews
 
@@ -529,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.views == "device":  # the photos themselves: the Trainer cuts every batch on the device
         dataset = [{"pixels": p, "key": n, "label": -1, "error": None} for n, p in zip(names, photos, strict=True)]
         views = dict(data_views="device", crop_scales="log_uniform", whole_prob=WHOLE_PROB, num_workers=0)
+    elif shaped:  # the whole photos: the Trainer's loader cuts each view at its batch's shape
+        dataset = Photos(names, photos, length=steps * batch)
+        views = dict(crop_scales="log_uniform", whole_prob=WHOLE_PROB, num_workers=workers, **shaped)
     else:
         dataset = PhotoCrops(names, photos, MODEL["image_size"], length=steps * batch, seed=args.seed)
         views = dict(num_workers=workers)
@@ -555,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         else f"CPU ({platform.machine()}), {args.threads} thread{'s' if args.threads > 1 else ''}",
         "torch": torch.__version__, "num_train_photos": len(names), "model_ema": args.model_ema,
         "init_from": str(args.init_from) if args.init_from else None, "trained": args.train, "whole_prob": WHOLE_PROB,
-        "views": args.views,
+        "views": args.views, **{k: list(v) if isinstance(v, tuple | list) else v for k, v in shaped.items()},
         "last_log": result.history[-1] if result.history else {},
         "weights_bytes": (result.export_dir / "model.safetensors").stat().st_size,
         "storage": "encoder/decoder float16, codebook float32" if half else "float32",

@@ -75,6 +75,17 @@ class TrainConfig:
     crop_scales: CropScales = _f("fixed", "fixed: crops at image_size * resize_ratio; log_uniform: random-resized crops "
                                  "from native resolution up to the whole short side, resized to image_size")
     whole_prob: float = _f(0.0, "share of views that are the whole photo, center-cropped and resized to image_size")
+    aspect_range: tuple[float, float] = _f(
+        (1.0, 1.0), "views' aspect ratios (width / height): each batch's drawn log-uniformly in [low, high], every view "
+        "of a batch at one shape; 1 1: square views at image_size, as the model was built for (e.g. 0.5 2)"
+    )
+    train_tokens: int | None = _f(
+        None, "the most tokens of a view's grid: each batch's shape is the largest grid of its aspect ratio within a "
+        "token count drawn log-uniformly in [min_train_tokens, train_tokens] (sides multiples of the patch); "
+        "default: the model's square grid, (image_size / patch_size)^2"
+    )
+    min_train_tokens: int | None = _f(None, "the fewest tokens a batch's grid is sized for; default: train_tokens "
+                                      "(every view at the budget)")
     data_views: DataViews = _f("loader", "where views are made: loader (data-loader processes crop each image; any amount "
                                "of data) or device (photos decoded once into memory on the training device, each batch "
                                "cut there in a few tensor operations; needs crop_scales=log_uniform)")
@@ -134,6 +145,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.adam_betas, list):
             self.adam_betas = tuple(self.adam_betas)
+        if isinstance(self.aspect_range, list):
+            self.aspect_range = tuple(float(a) for a in self.aspect_range)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if "float" in str(f.type) and isinstance(value, str):  # YAML reads `1e-4` as a string
@@ -181,6 +194,21 @@ class TrainConfig:
         if self.data_views == "device" and self.crop_scales != "log_uniform":
             raise ValueError("data_views='device' makes random-resized crops across scales (crop_scales='log_uniform'); "
                              f"crop_scales={self.crop_scales!r} views are made by the data loader (data_views='loader')")
+        if (not isinstance(self.aspect_range, tuple) or len(self.aspect_range) != 2
+                or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in self.aspect_range)
+                or not 0 < self.aspect_range[0] <= self.aspect_range[1] < float("inf")):
+            raise ValueError(f"aspect_range must be two positive numbers (width / height), low <= high, "
+                             f"got {self.aspect_range!r}")
+        for name in ("train_tokens", "min_train_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"TrainConfig.{name} must be a positive int or null, got {value!r}")
+        if self.train_tokens is not None and self.min_train_tokens is not None and self.min_train_tokens > self.train_tokens:
+            raise ValueError(f"min_train_tokens={self.min_train_tokens} is above train_tokens={self.train_tokens}")
+        if self.data_views == "device" and self.many_shapes:
+            raise ValueError("data_views='device' cuts square views at the model's image_size only; views of many shapes "
+                             f"(aspect_range={list(self.aspect_range)}, train_tokens={self.train_tokens}, min_train_tokens="
+                             f"{self.min_train_tokens}) are made by the data loader (data_views='loader')")
         if not self.views_max_gb > 0:
             raise ValueError(f"views_max_gb must be > 0, got {self.views_max_gb}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
@@ -218,6 +246,11 @@ class TrainConfig:
         return min(MAX_DEFAULT_WORKERS, available_cpus())
 
     @property
+    def many_shapes(self) -> bool:
+        """Whether views take shapes other than the model's square (`aspect_range`, `train_tokens`, `min_train_tokens`)."""
+        return self.aspect_range != (1.0, 1.0) or self.train_tokens is not None or self.min_train_tokens is not None
+
+    @property
     def adversarial(self) -> bool:
         return self.adversarial_weight > 0
 
@@ -225,6 +258,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["adam_betas"] = list(self.adam_betas)
+        data["aspect_range"] = list(self.aspect_range)
         return data
 
     @classmethod

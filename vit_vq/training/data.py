@@ -37,7 +37,7 @@ Scales = Literal["fixed", "log_uniform"]
 
 
 class TrainTransform:
-    """`[3, H, W]` image -> float `[3, size, size]` in [0, 1]: a view at one scale, then a flip.
+    """`[3, H, W]` image -> float `[3, size, size]` in [0, 1] (or `[3, *shape]`): a view at one scale, then a flip.
 
     Two kinds of view, plus an optional share of whole photos:
 
@@ -50,6 +50,13 @@ class TrainTransform:
     * `whole_prob`: with this probability the view is instead the whole photo as users feed it:
       the largest square (at a random place along the long side, or centered), resized to `size`
       -- centered, exactly `vit_vq.preprocess.resize_center_crop`.
+
+    A call with `shape=(h, w)` makes the same kinds of view at that shape instead of the square (training
+    at many shapes, `vit_vq.training.buckets`): the fixed scale resizes the photo just enough to cover
+    `shape` (times `resize_ratio`); a log-uniform crop has the view's aspect ratio (with the same jitter)
+    and a scale log-uniform between native resolution and the largest such region of the photo; a whole
+    view is the largest region of the view's aspect ratio. Without `shape` the views are the square ones,
+    bit for bit.
 
     uint8 inputs are converted after cropping, so a large photo costs only its crop.
 
@@ -82,20 +89,35 @@ class TrainTransform:
         self.size, self.resize_ratio, self.random_crop, self.hflip = size, resize_ratio, random_crop, hflip
         self.scales, self.whole_prob = scales, whole_prob
 
-    def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self, image: torch.Tensor, generator: torch.Generator | None = None, shape: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """A view of `image` at `shape` `(h, w)` px (default: the `size` square)."""
         _, H, W = image.shape
         if self.whole_prob > 0 and bool(torch.rand((), generator=generator) < self.whole_prob):
-            side = min(H, W)
-            image = self._crop_resize(image, side, side, generator)
+            if shape is None:
+                ch = cw = min(H, W)
+            else:  # the largest region of the view's aspect ratio
+                ch, cw = min(H, max(1, round(W * shape[0] / shape[1]))), min(W, max(1, round(H * shape[1] / shape[0])))
         elif self.scales == "log_uniform":
             u = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
-            short = max(min(H, W), self.size)
-            side = math.exp(math.log(self.size) + u[0] * (math.log(short) - math.log(self.size)))
             aspect = math.exp((u[1] - 0.5) * 0.4)  # 0.82 .. 1.22
-            ch, cw = min(H, max(self.size, round(side * aspect))), min(W, max(self.size, round(side / aspect)))
+            if shape is None:
+                short = max(min(H, W), self.size)
+                side = math.exp(math.log(self.size) + u[0] * (math.log(short) - math.log(self.size)))
+                ch, cw = min(H, max(self.size, round(side * aspect))), min(W, max(self.size, round(side / aspect)))
+            else:  # scale 1 (native resolution) .. the largest region of the view's aspect ratio
+                h, w = shape
+                scale = math.exp(u[0] * math.log(max(1.0, min(H / h, W / w))))
+                ch, cw = min(H, max(h, round(h * scale * aspect))), min(W, max(w, round(w * scale / aspect)))
+        else:
+            ch = cw = None
+        if ch is None:
+            image = self._rescaled_crop(image, generator, shape)
+        elif shape is None:
             image = self._crop_resize(image, ch, cw, generator)
         else:
-            image = self._rescaled_crop(image, generator)
+            image = self._crop_to(image, ch, cw, generator, shape)
         if self.hflip and bool(torch.rand((), generator=generator) < 0.5):
             image = image.flip(-1)
         return image.clamp(0, 1).contiguous()
@@ -103,25 +125,39 @@ class TrainTransform:
     def _offset(self, room: int, generator: torch.Generator | None) -> int:
         return int(torch.randint(room + 1, (), generator=generator)) if self.random_crop else room // 2
 
-    def _rescaled_crop(self, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """`scales="fixed"`: short side -> `round(size * resize_ratio)`, then a `size` crop."""
+    def _rescaled_crop(self, image: torch.Tensor, generator: torch.Generator | None,
+                       shape: tuple[int, int] | None = None) -> torch.Tensor:
+        """`scales="fixed"`: short side -> `round(size * resize_ratio)`, then a `size` crop; with `shape`, the
+        photo scaled by `resize_ratio` times what covers `shape`, then a `shape` crop."""
         image = _as_float(image)
         _, H, W = image.shape
-        short = max(self.size, round(self.size * self.resize_ratio))
-        scale = short / min(H, W)
-        nh, nw = max(short, round(H * scale)), max(short, round(W * scale))
+        if shape is None:
+            h = w = self.size
+            short = max(self.size, round(self.size * self.resize_ratio))
+            scale = short / min(H, W)
+            nh, nw = max(short, round(H * scale)), max(short, round(W * scale))
+        else:
+            h, w = shape
+            scale = self.resize_ratio * max(h / H, w / W)
+            nh, nw = max(h, round(H * scale)), max(w, round(W * scale))
         if (nh, nw) != (H, W):
             image = F.interpolate(image[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
-        top, left = self._offset(nh - self.size, generator), self._offset(nw - self.size, generator)
-        return image[:, top : top + self.size, left : left + self.size]
+        top, left = self._offset(nh - h, generator), self._offset(nw - w, generator)
+        return image[:, top : top + h, left : left + w]
 
     def _crop_resize(self, image: torch.Tensor, ch: int, cw: int, generator: torch.Generator | None) -> torch.Tensor:
         """A `ch x cw` crop (random or centered), resized to `size x size` (bicubic, antialiased)."""
+        return self._crop_to(image, ch, cw, generator, (self.size, self.size))
+
+    def _crop_to(self, image: torch.Tensor, ch: int, cw: int, generator: torch.Generator | None,
+                 out: tuple[int, int]) -> torch.Tensor:
+        """A `ch x cw` crop (random or centered), resized to `out` `(h, w)` (bicubic, antialiased)."""
         _, H, W = image.shape
+        out = tuple(out)
         top, left = self._offset(H - ch, generator), self._offset(W - cw, generator)
         crop = _as_float(image[:, top : top + ch, left : left + cw])  # (3, ch, cw)
-        if (ch, cw) != (self.size, self.size):
-            crop = F.interpolate(crop[None], size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)[0]
+        if (ch, cw) != out:
+            crop = F.interpolate(crop[None], size=out, mode="bicubic", antialias=True, align_corners=False)[0]
         return crop
 
 
@@ -156,7 +192,8 @@ class EpochSampler(Sampler):
 
 
 class TrainImageDataset(Dataset):
-    """A source of raw items viewed through a seeded `TrainTransform`; keys are `(index, epoch)`.
+    """A source of raw items viewed through a seeded `TrainTransform`; keys are `(index, epoch)`, or
+    `(index, epoch, height, width)` for a view of that shape (`buckets.BucketBatchSampler`).
 
     An unreadable item is replaced by the next readable one (wrapping around) and reported
     under the item's `skipped` list as `{"path", "reason"}` dicts.
@@ -171,8 +208,9 @@ class TrainImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+    def __getitem__(self, key: tuple[int, int] | tuple[int, int, int, int] | int) -> dict[str, Any]:
+        index, epoch = key[:2] if isinstance(key, tuple) else (key, 0)
+        shape = tuple(key[2:]) if isinstance(key, tuple) and len(key) == 4 else None
         n, skipped = len(self.source), []
         for attempt in range(n):
             j = (index + attempt) % n
@@ -180,7 +218,7 @@ class TrainImageDataset(Dataset):
             if item["pixels"] is not None:
                 try:
                     gen = torch.Generator().manual_seed(item_seed(self.seed, epoch, j))
-                    pixels = self.transform(item["pixels"], gen)
+                    pixels = self.transform(item["pixels"], gen, shape)
                 except (ValueError, RuntimeError) as err:  # e.g. an image with zero width
                     item = {**item, "error": f"{item['key']}: cannot be transformed ({err})"}
                 else:
@@ -268,23 +306,28 @@ def build_train_loader(
             f"the training data has {len(source)} items, fewer than one batch "
             f"({config.batch_size} per process x {num_processes} processes); lower --batch-size"
         )
-    transform = TrainTransform(
+    sampler = EpochSampler(len(source), config.seed)
+    loader = DataLoader(
+        TrainImageDataset(source, train_transform(config, image_size), config.seed),
+        batch_size=config.batch_size, sampler=sampler, drop_last=True, **loader_settings(config, pin_memory),
+    )
+    return loader, sampler
+
+
+def train_transform(config: TrainConfig, image_size: int) -> TrainTransform:
+    """The `TrainTransform` that `config` describes, at `image_size`."""
+    return TrainTransform(
         image_size, resize_ratio=config.resize_ratio, random_crop=config.random_crop, hflip=config.hflip,
         scales=config.crop_scales, whole_prob=config.whole_prob,
     )
-    sampler = EpochSampler(len(source), config.seed)
-    loader = DataLoader(
-        TrainImageDataset(source, transform, config.seed),
-        batch_size=config.batch_size,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=config.workers,
-        collate_fn=train_collate,
-        pin_memory=pin_memory,
-        persistent_workers=config.workers > 0,
+
+
+def loader_settings(config: TrainConfig, pin_memory: bool) -> dict[str, Any]:
+    """The `DataLoader` keywords of every training loader: workers, collation, pinning, worker seeds."""
+    return dict(
+        num_workers=config.workers, collate_fn=train_collate, pin_memory=pin_memory, persistent_workers=config.workers > 0,
         generator=torch.Generator().manual_seed(config.seed),  # worker seeds: keeps the global RNG untouched
     )
-    return loader, sampler
 
 
 def preview_images(source: Dataset, image_size: int, count: int) -> torch.Tensor:
@@ -310,6 +353,8 @@ __all__ = [
     "train_collate",
     "open_training_source",
     "build_train_loader",
+    "train_transform",
+    "loader_settings",
     "preview_images",
     "item_seed",
 ]

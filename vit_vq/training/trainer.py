@@ -28,6 +28,7 @@ from ..config import ViTVQConfig
 from ..files import mark_output
 from ..metrics import psnr
 from ..tokenizer import ViTVQTokenizer
+from .buckets import build_bucket_loader, view_shapes
 from .checkpoint import EMA_NAME, TrainerState, list_checkpoints, load_checkpoint, remove_stale_temporaries, resolve_resume
 from .checkpoint import save_checkpoint as _save_checkpoint
 from .config import TrainConfig
@@ -178,7 +179,7 @@ class Trainer:
             )
         set_seed(cfg.seed)  # same on every rank: identical initial weights and codebooks
         if acc.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed image sizes: let cuDNN pick the fastest convolutions
+            torch.backends.cudnn.benchmark = True  # few image sizes (one, or a bucket each): cuDNN tunes each once
 
         model = model if model is not None else build_model(cfg)
         model.train()
@@ -198,8 +199,14 @@ class Trainer:
         self.num_items = len(source)
         self.preview = preview_images(source, model.config.image_size, cfg.num_log_images)
         unreadable: list[dict[str, str]] = []
+        self.shapes = view_shapes(cfg, model.config)
         if cfg.data_views == "device":
             loader, unreadable = self._device_views(source, model.config.image_size)
+        elif self.shapes is not None:
+            loader, self.sampler = build_bucket_loader(
+                source, cfg, model.config.image_size, self.shapes, num_processes=acc.num_processes,
+                pin_memory=acc.device.type == "cuda",
+            )
         else:
             loader, self.sampler = build_train_loader(
                 source, cfg, model.config.image_size, num_processes=acc.num_processes, pin_memory=acc.device.type == "cuda"
@@ -268,7 +275,8 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------
     def train_step(self, pixels: torch.Tensor) -> bool:
-        """Forward and backward one micro-batch float `[B, 3, S, S]` in [0, 1] (on the device).
+        """Forward and backward one micro-batch float `[B, 3, H, W]` in [0, 1] (on the device), any grid within
+        the model's token budget (the square `[B, 3, S, S]` unless views of many shapes are configured).
 
         Returns True when this micro-batch completed an optimizer step.
 
@@ -280,7 +288,7 @@ class Trainer:
         with acc.accumulate(*self._models):
             with acc.autocast():
                 out = self.model(pixels, validate=False)
-                recon = out.reconstruction  # (B, 3, S, S) float32, unclamped
+                recon = out.reconstruction  # (B, 3, H, W) float32, unclamped
                 parts = pixel_losses(recon, pixels, cfg.l2_weight, cfg.l1_weight)
                 if self.perceptual is not None:
                     parts["perceptual"] = self.perceptual(recon, pixels)
@@ -533,6 +541,8 @@ class Trainer:
             cfg.workers, acc.num_processes, cfg.batch_size, cfg.grad_accum_steps, per_step, cfg.lr, cfg.warmup,
             cfg.max_steps, acc.mixed_precision, losses, self.output,
         )
+        if self.shapes is not None:
+            self._info("views: %s", self.shapes.describe())
 
     def export(self) -> Path | None:
         """Write the trained (or weight-EMA) model with `save_pretrained` into `<output>/<export_name>`.
