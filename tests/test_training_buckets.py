@@ -262,3 +262,67 @@ def test_train_default_example_trains_at_mixed_shapes_and_scores_native_aspect(t
     record = json.loads((tmp_path / "run" / "final" / "eval.json").read_text())
     assert record["run"]["aspect_range"] == [0.5, 2.0] and record["run"]["train_tokens"] == 192
     assert 0 < record["scores"]["heldout_native_psnr"] < 60
+
+
+DDP_WORKER = '''
+import json, sys
+from vit_vq.training import TrainConfig, Trainer
+
+class Recorder(Trainer):
+    def _run_epoch(self, bar):
+        loader = self.loader
+        seen = self.seen
+        class Spy:
+            def __init__(self, inner):
+                self.inner = inner
+            def set_epoch(self, e):
+                self.inner.set_epoch(e)
+            def __iter__(self):
+                for batch in self.inner:
+                    seen.append([list(batch["pixels"].shape), batch["keys"]])
+                    yield batch
+        self.loader = Spy(loader)
+        try:
+            super()._run_epoch(bar)
+        finally:
+            self.loader = loader
+
+data, out = sys.argv[1], sys.argv[2]
+cfg = TrainConfig(preset="tiny", data=data, output=out, batch_size=2, num_workers=0, max_steps=4, warmup_steps=1,
+                  lr=1e-3, log_every=1, image_every=0, save_every=100, trackers="none", progress=False,
+                  mixed_precision="no", crop_scales="log_uniform", aspect_range=(0.5, 2.0), train_tokens=64,
+                  min_train_tokens=32)
+trainer = Recorder(cfg)
+trainer.seen = []
+trainer.train()
+rank = trainer.accelerator.process_index
+model = trainer.unwrapped
+checksum = {k: float(v.double().sum()) for k, v in model.state_dict().items()}
+json.dump({"seen": trainer.seen, "weights": checksum}, open(f"{out}/rank{rank}.json", "w"))
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_train_at_mixed_shapes_in_step(tmp_path, train_photo_dir):
+    """accelerate launch, 2 gloo ranks: the same shape at every step on both, different items, same weights."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(script), str(train_photo_dir), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "ACCELERATE_LOG_LEVEL": "warning"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
+    assert len(r0["seen"]) == len(r1["seen"]) == 4
+    assert [s for s, _ in r0["seen"]] == [s for s, _ in r1["seen"]]  # one shape per step on both ranks
+    assert len({tuple(s) for s, _ in r0["seen"]}) > 1  # and more than one shape over the run
+    for (_, k0), (_, k1) in zip(r0["seen"], r1["seen"], strict=True):
+        assert not set(k0) & set(k1)  # each rank its own items
+    assert r0["weights"] == r1["weights"]  # DDP kept the ranks identical
