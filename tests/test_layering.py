@@ -289,3 +289,15 @@ def test_a_5000_digit_integer_in_config_json_names_the_file(tmp_path):
     (folder / "config.json").write_text(text)
     with pytest.raises(ValueError, match=r"config.json is not valid JSON \(an integer of 5000 digits \(at most 19\)"):
         ViTVQTokenizer.from_pretrained(folder)
+
+
+def test_training_errors_name_config_fields_and_the_cli_turns_them_into_flags():
+    from vit_vq.cli.main import one_line
+
+    message = "stopped; try a lower TrainConfig.lr, TrainConfig.mixed_precision='bf16', TrainConfig.resume='latest'"
+    assert one_line(ValueError(message)) == "stopped; try a lower --lr, --mixed-precision bf16, --resume latest"
+    from vit_vq.training.losses import _unavailable_message
+
+    text = _unavailable_message("no file", 0.5)
+    assert "--" not in text and "TrainConfig.perceptual_weight=0" in text  # the library speaks of fields
+    assert "--perceptual-weight 0" in one_line(ValueError(text))  # the command line of flags

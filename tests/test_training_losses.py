@@ -118,7 +118,7 @@ def test_missing_weights_error_says_how_to_provide_them(empty_torch_hub):
         L.build_perceptual_loss(None, download_timeout=0, weight=0.5)
     message = str(info.value)
     assert "perceptual_weight=0.5" in message
-    assert "--perceptual-weights-path" in message and "--perceptual-weight 0" in message
+    assert "TrainConfig.perceptual_weights_path=FILE" in message and "TrainConfig.perceptual_weight=0" in message
     assert "vgg16-397923af.pth" in message and str(empty_torch_hub) in message
 
 
@@ -134,7 +134,7 @@ def test_a_download_that_never_answers_gives_up_within_the_timeout(empty_torch_h
     monkeypatch.setattr(L, "vgg16_url", lambda: f"http://127.0.0.1:{port}/vgg16-397923af.pth")
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(L.PerceptualWeightsUnavailable, match="--perceptual-weight 0") as info:
+    with pytest.raises(L.PerceptualWeightsUnavailable, match="TrainConfig.perceptual_weight=0") as info:
         L.build_perceptual_loss(None, download_timeout=1.0, weight=1.0)
     # The socket timeout fired (not some other failure); a hang is caught by the timeout marker.
     assert "timed out" in str(info.value), str(info.value)

@@ -107,7 +107,7 @@ def test_a_nan_loss_stops_training_and_leaves_the_last_checkpoint_intact(tmp_pat
     trainer.unwrapped.decoder.register_forward_hook(poison)
     with pytest.raises(NonFiniteLossError, match="at step 3") as info:
         trainer.train()
-    assert "checkpoint-2" in str(info.value) and "--resume latest" in str(info.value)
+    assert "checkpoint-2" in str(info.value) and "TrainConfig.resume='latest'" in str(info.value)
     assert [s for s, _ in list_checkpoints(cfg.output)] == [2]
     saved = weights(list_checkpoints(cfg.output)[0][1])
     assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
@@ -149,7 +149,7 @@ def test_checkpoint_weights_are_safetensors_and_trainer_state_loads_weights_only
 
 def test_existing_checkpoints_need_resume_and_resume_reads_only_its_own_folder(tmp_path, train_photo_dir):
     Trainer(make_config(tmp_path, train_photo_dir, max_steps=1)).train()
-    with pytest.raises(ValueError, match="--resume latest"):
+    with pytest.raises(ValueError, match="TrainConfig.resume='latest'"):
         Trainer(make_config(tmp_path, train_photo_dir, max_steps=2))
     elsewhere = str(tmp_path / "run" / "checkpoints" / "checkpoint-1")
     other = make_config(tmp_path, train_photo_dir, "other", max_steps=2, resume=elsewhere)
@@ -164,7 +164,7 @@ def test_perceptual_weight_without_vgg_weights_stops_before_training(tmp_path, t
     import torch.hub
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(PerceptualWeightsUnavailable, match="--perceptual-weight 0"):
+    with pytest.raises(PerceptualWeightsUnavailable, match="TrainConfig.perceptual_weight=0"):
         Trainer(make_config(tmp_path, train_photo_dir, perceptual_weight=1.0, download_timeout=1.0))
     assert not (tmp_path / "run" / "checkpoints").exists()
 

@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The library states which bundled model some codes match; the command line adds the flag that picks it.
 BUNDLED_MATCH = re.compile(r"they match the bundled (vit_vq:[\w.-]+)")
+# The training library names its settings as TrainConfig fields (`TrainConfig.lr`, `TrainConfig.resume='latest'`);
+# every field is a `vit-vq train` flag of the same name.
+TRAIN_FIELD = re.compile(r"TrainConfig\.(\w+)(?:=('[^']*'|[\w./-]+))?")
+
+
+def _as_flag(match: re.Match[str]) -> str:
+    flag = "--" + match.group(1).replace("_", "-")
+    return flag if match.group(2) is None else f"{flag} {match.group(2).strip(chr(39))}"
 
 
 def one_line(err: BaseException) -> str:
@@ -60,6 +68,7 @@ def one_line(err: BaseException) -> str:
     if "Traceback (most recent call last)" in text:
         text = [line for line in text.splitlines() if line.strip()][-1]
     text = BUNDLED_MATCH.sub(r"\g<0>: --model \1", " ".join(text.split()))
+    text = TRAIN_FIELD.sub(_as_flag, text)
     return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
 
 

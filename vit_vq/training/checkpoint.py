@@ -116,8 +116,8 @@ def resolve_resume(output: str | Path, resume: str) -> Path | None:
         link = f" (a link to {str(path.resolve())!r})" if path.is_symlink() else ""
         raise ValueError(
             f"refusing to resume from {str(path)!r}{link}: trainer state (pickled optimizer and RNG files) is read only "
-            f"from this run's own folder {str(root)!r}; copy a checkpoint you trust there, or use --init to "
-            "fine-tune from exported weights"
+            f"from this run's own folder {str(root)!r}; copy a checkpoint you trust there, or use TrainConfig.init "
+            "to fine-tune from exported weights"
         )
     if missing := missing_files(path):
         raise FileNotFoundError(f"{str(path)!r} is not a complete checkpoint (no {' or '.join(missing)})")

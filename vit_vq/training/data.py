@@ -255,7 +255,7 @@ class CIFAR10Source(Dataset):
             except OSError as err:
                 raise FileNotFoundError(
                     f"CIFAR-10 is not in {root} and cannot be downloaded ({err}); put torchvision's "
-                    f"cifar-10-batches-py folder there (--data-root), or train on an image folder"
+                    f"cifar-10-batches-py folder there (TrainConfig.data_root), or train on an image folder"
                 ) from err
 
     def __len__(self) -> int:
@@ -274,7 +274,7 @@ def open_training_source(config: TrainConfig) -> Dataset:
         FileNotFoundError: a local path that does not exist; CIFAR-10 neither present nor downloadable.
     """
     if not config.data:
-        raise ValueError("no training data: pass --data (an image folder, a datasets name or saved folder, or cifar10)")
+        raise ValueError("no training data: set TrainConfig.data (an image folder, a datasets name or saved folder, or cifar10)")
     fmt = config.data_format
     if fmt == "auto" and config.data.lower() == "cifar10":
         fmt = "cifar10"
@@ -304,7 +304,7 @@ def build_train_loader(
     if len(source) < need:
         raise ValueError(
             f"the training data has {len(source)} items, fewer than one batch "
-            f"({config.batch_size} per process x {num_processes} processes); lower --batch-size"
+            f"({config.batch_size} per process x {num_processes} processes); lower TrainConfig.batch_size"
         )
     sampler = EpochSampler(len(source), config.seed)
     loader = DataLoader(

@@ -303,8 +303,8 @@ def _unavailable_message(reason: str, weight: float | None) -> str:
         f"  - put torchvision's {name} into {cache} (on a machine with internet, run\n"
         "    python -c \"import torchvision; torchvision.models.vgg16(weights='IMAGENET1K_V1')\"\n"
         "    and copy it from that machine's torch hub checkpoints folder), or\n"
-        "  - pass --perceptual-weights-path FILE (a VGG16 state dict, .safetensors or torchvision .pth), or\n"
-        "  - train without the perceptual loss: --perceptual-weight 0"
+        "  - set TrainConfig.perceptual_weights_path=FILE (a VGG16 state dict, .safetensors or torchvision .pth), or\n"
+        "  - train without the perceptual loss: TrainConfig.perceptual_weight=0"
     )
 
 

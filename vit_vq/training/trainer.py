@@ -71,8 +71,8 @@ def build_model(config: TrainConfig) -> ViTVQTokenizer:
         return ViTVQTokenizer.from_vit(config.init_vit, base)
     if config.preset:
         return ViTVQTokenizer(ViTVQConfig.from_preset(config.preset, **config.model_overrides))
-    raise ValueError("choose a model: --preset NAME to train from scratch, --init <hub id or folder> to fine-tune, "
-                     "or --init-vit <hub id or folder> to start the encoder from a Hugging Face ViT")
+    raise ValueError("choose a model: TrainConfig.preset (a preset name) to train from scratch, TrainConfig.init (a Hub "
+                     "id or folder) to fine-tune, or TrainConfig.init_vit (a Hugging Face ViT) to start the encoder from it")
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Any:
@@ -158,7 +158,7 @@ class Trainer:
         self.output = Path(cfg.output).expanduser().absolute()
         if cfg.resume is None and list_checkpoints(self.output):
             raise ValueError(f"{self.output} already holds checkpoints (latest step {list_checkpoints(self.output)[-1][0]}); "
-                             "pass --resume latest to continue that run, or choose another --output")
+                             "set TrainConfig.resume='latest' to continue that run, or choose another TrainConfig.output")
         mixed = cfg.mixed_precision
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -377,8 +377,9 @@ class Trainer:
         where = f"the last good checkpoint, {last}, is untouched" if last else "no checkpoint had been written yet"
         raise NonFiniteLossError(
             f"the loss or gradient norm became NaN/Inf at step {self.state.step + 1} ({parts}); training stopped "
-            f"before updating the weights, and {where}. Try a lower --lr or --max-grad-norm, or bf16 instead of fp16 "
-            "(--mixed-precision bf16), then continue with --resume latest"
+            f"before updating the weights, and {where}. Try a lower TrainConfig.lr or "
+            "TrainConfig.max_grad_norm, or bf16 instead of fp16 (TrainConfig.mixed_precision='bf16'), then continue with "
+            "TrainConfig.resume='latest'"
         )
 
     # -- the loop --------------------------------------------------------------------------
