@@ -194,3 +194,19 @@ def test_a_malformed_decode_timeout_names_the_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("VIT_VQ_DECODE_TIMEOUT_S", "9" * 5000)
     with pytest.raises(ValueError, match="VIT_VQ_DECODE_TIMEOUT_S"):
         data.load_image(path)
+
+
+def test_float_pixels_within_round_off_of_one_are_clamped_not_a_job_error(tmp_path, tiny_tokenizer_dir, capsys):
+    """A float TIFF at the model's exact size with a pixel at 1.0005 (attacker review): coded, not fatal."""
+    from vit_vq.cli.main import main
+
+    a = np.full((32, 32), 0.5, np.float32)
+    a[0, 0] = 1.0005
+    Image.fromarray(a, "F").save(tmp_path / "float.tif")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "ok.png")
+    pixels = load_image(tmp_path / "float.tif")
+    assert float(pixels.max()) == 1.0 and float(pixels.min()) == 0.5
+    out = tmp_path / "c.safetensors"
+    assert main(["encode", str(tmp_path), "-o", str(out), "--model", str(tiny_tokenizer_dir), "--num-workers", "0",
+                 "--device", "cpu"]) == 0
+    assert "skipped" not in capsys.readouterr().err

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import json_fields
+from .validation import PIXEL_TOLERANCE
 
 # Refused before any pixel is converted (for files: from the header, before any pixel is decoded).
 # 2**26 pixels (8192 x 8192) cost at most ~1.3 GiB while loading a file (measured up to 20.2
@@ -209,7 +210,8 @@ def _channels_first(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _scaled(t: torch.Tensor) -> torch.Tensor:
-    """Integer pixels divided by their dtype's peak; float pixels checked to lie in [0, 1]."""
+    """Integer pixels divided by their dtype's peak; float pixels checked to lie in [0, 1] (within
+    `PIXEL_TOLERANCE`, then clamped)."""
     if t.dtype in INT_PEAKS:
         return t.to(torch.float64 if t.dtype == torch.uint32 else torch.float32).div_(INT_PEAKS[t.dtype]).float()
     if not t.dtype.is_floating_point:
@@ -217,11 +219,12 @@ def _scaled(t: torch.Tensor) -> torch.Tensor:
     t = t.float()
     if t.numel():
         lo, hi = torch.stack(torch.aminmax(t)).tolist()
-        if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # also catches NaN
+        if not (lo >= -PIXEL_TOLERANCE and hi <= 1 + PIXEL_TOLERANCE):  # also catches NaN
             raise ValueError(
                 f"expected float pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
                 "pass uint8 for 0..255 images, or map [-1, 1] images with (x + 1) / 2"
             )
+        t = t.clamp_(0, 1)  # round-off within the tolerance: every later step sees [0, 1] exactly
     return t
 
 

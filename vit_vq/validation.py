@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 
+# Float pixels may stray this far outside [0, 1] (resampling and format round-off); `preprocess`
+# clamps what it returns, `encode` takes images up to this far out as they are.
+PIXEL_TOLERANCE = 1e-3
+
 _IMAGE_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
@@ -59,7 +63,7 @@ def check_images(
     lo, hi = torch.stack(torch.aminmax(images.detach())).float().tolist()  # one reduction, one sync
     if lo != lo or hi != hi or hi in (float("inf"), float("-inf")) or lo == float("-inf"):
         raise ValueError("images contain NaN or Inf values")
-    if lo < -1e-4 or hi > 1 + 1e-4:
+    if lo < -PIXEL_TOLERANCE or hi > 1 + PIXEL_TOLERANCE:
         raise ValueError(
             f"expected float images in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
             "divide uint8-range images by 255, or map [-1, 1] images with (x + 1) / 2"
