@@ -210,3 +210,61 @@ def test_float_pixels_within_round_off_of_one_are_clamped_not_a_job_error(tmp_pa
     assert main(["encode", str(tmp_path), "-o", str(out), "--model", str(tiny_tokenizer_dir), "--num-workers", "0",
                  "--device", "cpu"]) == 0
     assert "skipped" not in capsys.readouterr().err
+
+
+def _png(width: int, height: int, raw: bytes) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def test_a_png_whose_data_ends_early_is_refused_not_black_filled(tmp_path):
+    """A complete zlib stream of one row behind an 8192x8192 header (attacker review): Pillow gives black rows."""
+    row = b"\x00" + bytes(range(256)) * 3 * 32  # filter byte + 8192 RGB pixels
+    lying = tmp_path / "lying.png"
+    lying.write_bytes(_png(8192, 8192, row))
+    with pytest.raises(ValueError, match=r"truncated PNG: its image data inflates to 24,577 bytes, fewer than the"):
+        load_image(lying)
+    short = tmp_path / "short.png"
+    short.write_bytes(_png(64, 64, (b"\x00" + bytes(64 * 3)) * 6))  # 6 of 64 rows
+    with pytest.raises(ValueError, match="truncated PNG"):
+        load_image(short)
+    whole = tmp_path / "whole.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    whole.write_bytes(_png(64, 64, b"".join(b"\x00" + r.tobytes() for r in pixels)))
+    assert torch.equal((load_image(whole) * 255).round().to(torch.uint8), torch.from_numpy(pixels).permute(2, 0, 1))
+
+
+def test_a_small_image_in_a_huge_file_is_refused_unread(tmp_path):
+    """64x64 pixels padded to 64 MB (sparse: no disk used): never read into memory (attacker review)."""
+    for fmt in ("JPEG", "WEBP", "PNG"):
+        path = tmp_path / f"padded.{fmt.lower()}"
+        Image.new("RGB", (64, 64)).save(path, fmt)
+        with open(path, "r+b") as f:
+            f.truncate(64 << 20)
+        with pytest.raises(ValueError, match=r"more than a 64x64 image can need"):
+            load_image(path)
+
+
+def test_empty_restart_intervals_are_refused(tmp_path):
+    """A JPEG with restart markers whose intervals were dropped: libjpeg fills them grey and only warns."""
+    import re
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buf, "JPEG", restart_marker_blocks=1)
+    whole = buf.getvalue()
+    (tmp_path / "whole.jpg").write_bytes(whole)
+    assert load_image(tmp_path / "whole.jpg").shape == (3, 512, 512)
+    sos = whole.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(whole[sos + 2 : sos + 4], "big")
+    parts = re.split(rb"(\xff[\xd0-\xd7])", whole[start : whole.rindex(b"\xff\xd9")])
+    kept = b"".join(p for i, p in enumerate(parts) if i % 2 == 1 or i < len(parts) // 10)  # 10% of the intervals
+    (tmp_path / "cut.jpg").write_bytes(whole[:start] + kept + b"\xff\xd9")
+    with pytest.raises(ValueError, match="a restart interval holds no image data"):
+        load_image(tmp_path / "cut.jpg")

@@ -46,6 +46,9 @@ _ARITHMETIC_SOF = {0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7} | _ARITHMETIC_SOF
 # In entropy-coded data 0xFF is followed by 0x00 (stuffing), RST0-7 or more 0xFF fill: anything else is a marker.
 _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_RESTART = re.compile(rb"\xff[\xd0-\xd7]")  # RST0-7 between restart intervals of entropy-coded data
+FILE_BYTES_PER_PIXEL = 16  # the most a pixel can take in a file (4 channels of float32), MPO's second image included
+FILE_BYTES_SLACK = 4 << 20  # headers, ICC profiles, EXIF and thumbnails
 
 
 def max_jpeg_scans(pixels: int) -> int:
@@ -208,8 +211,12 @@ def _decode(f: io.BufferedReader | io.BytesIO) -> torch.Tensor:
     """Decode an open image file: size checked from the header, JPEG structure walked, then pixels (see `load_image`)."""
     from PIL import Image
 
+    _check_before_open(f)
     with Image.open(f, formats=IMAGE_FORMATS) as im:
         check_image_size(*im.size)
+        _check_file_size(f, *im.size)
+        if im.format == "PNG":
+            _check_png(f)
         if im.format not in ("JPEG", "MPO"):
             im.load()
             return to_tensor(im)
@@ -229,6 +236,118 @@ def _decode(f: io.BufferedReader | io.BytesIO) -> torch.Tensor:
         except OSError as err:
             raise ValueError(f"truncated JPEG: its image data ends before its last row ({err})") from None
         return to_tensor(im)
+
+
+def _file_size(f: io.BufferedReader | io.BytesIO) -> int:
+    return len(f.getbuffer()) if isinstance(f, io.BytesIO) else os.fstat(f.fileno()).st_size
+
+
+def _check_before_open(f: io.BufferedReader | io.BytesIO) -> None:
+    """Bound the bytes a decoder may read before it reads them (Pillow's WebP and AVIF openers read the
+    whole file): no file above what the pixel limit can need, and a WebP no larger than its own header's
+    size needs (the size sits in its first 30 bytes)."""
+    max_pixels, _ = image_limits()
+    size, limit = _file_size(f), FILE_BYTES_PER_PIXEL * max_pixels + FILE_BYTES_SLACK
+    if size > limit:
+        raise ValueError(f"the file is {size:,} bytes, more than an image within the pixel limit can need "
+                         f"(at most {limit:,}); refused unread")
+    head = f.read(30)
+    f.seek(0)
+    if len(head) == 30 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        dims = _webp_size(head)
+        if dims is not None:
+            _check_file_size(f, *dims)
+
+
+def _webp_size(head: bytes) -> tuple[int, int] | None:
+    """`(width, height)` from the first 30 bytes of a WebP file (VP8X, VP8L or VP8 chunk), None if unknown."""
+    kind, body = head[12:16], head[20:30]
+    if kind == b"VP8X":
+        return 1 + int.from_bytes(body[4:7], "little"), 1 + int.from_bytes(body[7:10], "little")
+    if kind == b"VP8L" and body[0] == 0x2F:
+        bits = int.from_bytes(body[1:5], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    if kind == b"VP8 " and body[3:6] == b"\x9d\x01\x2a":
+        return int.from_bytes(body[6:8], "little") & 0x3FFF, int.from_bytes(body[8:10], "little") & 0x3FFF
+    return None
+
+
+def _check_file_size(f: io.BufferedReader | io.BytesIO, width: int, height: int) -> None:
+    """Refuse a file far larger than its header's pixels can need, before any of it is read whole.
+
+    A 64x64 JPEG padded to 2 GB (sparse on disk) would otherwise be read into memory by the
+    decoder or the JPEG check.
+    """
+    size = _file_size(f)
+    limit = FILE_BYTES_PER_PIXEL * width * height + FILE_BYTES_SLACK
+    if size > limit:
+        raise ValueError(
+            f"the file is {size:,} bytes, more than a {width}x{height} image can need (at most {limit:,}); refused unread"
+        )
+
+
+# PNG colour type -> channels
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))  # x0 y0 dx dy
+
+
+def _check_png(f: io.BufferedReader | io.BytesIO) -> None:
+    """Refuse a PNG whose compressed image data inflates to fewer bytes than its header declares.
+
+    A complete zlib stream of one row behind a header that says 8192x8192 decodes, in Pillow,
+    to one row and black below it, with no error. The image data is inflated once more here,
+    in chunks, counting bytes and keeping none.
+    """
+    import zlib
+
+    f.seek(8)
+    header = f.read(25)
+    if len(header) < 25 or header[4:8] != b"IHDR":
+        return  # Pillow has already refused what is not a PNG
+    width, height = int.from_bytes(header[8:12], "big"), int.from_bytes(header[12:16], "big")
+    depth, colour, interlace = header[16], header[17], header[20]
+    bits = depth * _PNG_CHANNELS.get(colour, 4)
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    need = 0
+    for x0, y0, dx, dy in passes:
+        cols, rows = _ceil_div(max(width - x0, 0), dx), _ceil_div(max(height - y0, 0), dy)
+        if cols and rows:
+            need += rows * (1 + _ceil_div(cols * bits, 8))
+    inflate, have = zlib.decompressobj(), 0
+    f.seek(33)
+    while have < need:
+        head = f.read(8)
+        if len(head) < 8:
+            break
+        length, kind = int.from_bytes(head[:4], "big"), head[4:8]
+        if kind == b"IEND":
+            break
+        if kind != b"IDAT":
+            f.seek(length + 4, io.SEEK_CUR)
+            continue
+        left = length
+        while left and have < need:
+            chunk = f.read(min(left, 1 << 16))
+            if not chunk:
+                break
+            left -= len(chunk)
+            try:
+                while chunk and have < need:
+                    have += len(inflate.decompress(chunk, 1 << 20))
+                    chunk = inflate.unconsumed_tail
+            except zlib.error as err:
+                raise ValueError(f"corrupt PNG: its image data does not inflate ({err})") from None
+            if inflate.eof:
+                break
+        if inflate.eof:
+            break
+        f.seek(left + 4, io.SEEK_CUR)
+    if have < need:
+        raise ValueError(
+            f"truncated PNG: its image data inflates to {have:,} bytes, fewer than the {need:,} its "
+            f"{width}x{height} header declares (the rest would decode as black)"
+        )
+    f.seek(0)
 
 
 def _check_jpeg(data: bytes, pixels: int) -> int | None:
@@ -275,7 +394,13 @@ def _check_jpeg(data: bytes, pixels: int) -> int | None:
             found = _NEXT_MARKER.search(data, end)
             if found is None:
                 raise ValueError(truncated)
-            coded += found.start() - end
+            segment = data[end : found.start()]
+            bounds = [-2, *(m.start() for m in _RESTART.finditer(segment)), len(segment)]
+            if any(b - a <= 2 for a, b in zip(bounds, bounds[1:], strict=False)):
+                raise ValueError(
+                    "truncated JPEG: a restart interval holds no image data (libjpeg would fill it with grey)"
+                )
+            coded += len(segment) - 2 * (len(bounds) - 2)  # restart markers are not image data
             end = found.start()
         pos = end
     if coded * 8 < blocks:
