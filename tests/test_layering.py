@@ -301,3 +301,36 @@ def test_training_errors_name_config_fields_and_the_cli_turns_them_into_flags():
     text = _unavailable_message("no file", 0.5)
     assert "--" not in text and "TrainConfig.perceptual_weight=0" in text  # the library speaks of fields
     assert "--perceptual-weight 0" in one_line(ValueError(text))  # the command line of flags
+
+
+def test_a_format_1_file_without_decoder_hash_still_warns(tmp_path, tiny_tokenizer_dir):
+    """Claiming format 1 must not switch the weights check off silently (attacker review)."""
+    from vit_vq.pipeline import load_codes
+
+    bad = _rewrite(_codes_file(tmp_path, tiny_tokenizer_dir), tmp_path / "v1.safetensors", format_version="1",
+                   decoder_hash=None)
+    with pytest.warns(UserWarning, match=r"codes format 1\) with no decoder_hash; the decoder weights cannot be checked"):
+        load_codes(bad)
+
+
+def test_a_grid_without_tokens_is_refused_at_load(tmp_path, tiny_tokenizer_dir):
+    from vit_vq.pipeline import load_codes
+
+    empty = np.zeros((2, 0, 8), np.uint8)
+    bad = _rewrite(_codes_file(tmp_path, tiny_tokenizer_dir), tmp_path / "z.safetensors", array=empty, grid="[0, 8]")
+    with pytest.raises(ValueError, match=r"hold grids with no tokens"):
+        load_codes(bad)
+
+
+def test_output_names_from_someone_elses_file_stay_inside_and_apart():
+    from vit_vq.cli.common import MAX_NAME_DEPTH, output_names
+
+    names = ["..", ".", "a", "a.png/b", "/etc/passwd", "../../x.png", "d/" * 2000 + "e", "n" * 300, "a"]
+    out = output_names(names)
+    assert len(set(out)) == len(out) == len(names)
+    for path in out:
+        assert not path.is_absolute() and ".." not in path.parts and "." not in path.parts
+        assert len(path.parts) <= MAX_NAME_DEPTH + 1 and all(len(p.encode()) <= 255 for p in path.parts)
+    files = set(out)
+    assert not any(parent in files for path in out for parent in path.parents)  # no name is another's folder
+    assert out[2] == Path("a.png") and out[8] == Path("a-1.png") and out[4] == Path("passwd.png")

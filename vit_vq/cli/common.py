@@ -339,19 +339,46 @@ def image_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
     return grid
 
 
+MAX_NAME_DEPTH = 16  # folders kept from an image name (the innermost ones)
+MAX_COMPONENT_BYTES = 200  # a file or folder name, with room for a de-duplicating suffix under 255 bytes
+
+
+def _safe_component(part: str) -> str:
+    """A path component cut to `MAX_COMPONENT_BYTES` (keeping a hash of the whole, so cut names stay apart)."""
+    if len(os.fsencode(part)) <= MAX_COMPONENT_BYTES:
+        return part
+    from ..fingerprint import short_digest
+
+    cut = part
+    while len(os.fsencode(cut)) > MAX_COMPONENT_BYTES - 17:
+        cut = cut[:-1]
+    return f"{cut}~{short_digest(part)}"
+
+
 def output_names(names: list[str], suffix: str = ".png") -> list[Path]:
-    """Relative output paths for image names: the name with `suffix`, no `..` or absolute parts, de-duplicated."""
+    """Relative output paths for image names (a codes file's: someone else's data), one per name.
+
+    The name with `suffix`; never absolute, never `..` (such names keep their last component); empty,
+    `.` and `..` components dropped; at most `MAX_NAME_DEPTH` folders; components cut to
+    `MAX_COMPONENT_BYTES`; de-duplicated, including a name that another needs as a folder.
+    """
     used: set[Path] = set()
+    folders: set[Path] = set()
     out = []
     for name in names:
         p = Path(name)
-        rel = p if not p.is_absolute() and ".." not in p.parts else Path(p.name)
-        rel = rel.with_suffix(suffix)
+        parts = [p.name] if p.is_absolute() or ".." in p.parts else list(p.parts)
+        parts = [_safe_component(q) for q in parts if q not in ("", ".", "..", "/")][-MAX_NAME_DEPTH - 1 :] or ["image"]
+        rel = Path(*parts)
+        rel = rel.with_suffix(suffix) if rel.stem else rel.with_name("image" + suffix)
+        if any(parent in used for parent in rel.parents):  # a folder that is another image's file: flatten
+            rel = Path("_".join(rel.parts))
         candidate, k = rel, 1
-        while candidate in used:
+        while candidate in used or candidate in folders:
             candidate = rel.with_name(f"{rel.stem}-{k}{suffix}")
             k += 1
         used.add(candidate)
+        folders.update(candidate.parents)
         out.append(candidate)
     return out
 

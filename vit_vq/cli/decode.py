@@ -112,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
             f"but {printable(info.model_id)} here has config hash {info.config_hash}; decode with the model that "
             f"encoded them ({how}){bundled_hint(codes.model.config_hash, codes.model.decoder_hash, info.model_id)}"
         )
+    if codes.codebook_size != tok.config.codebook_size:
+        raise CLIError(
+            f"{args.codes} records codebook_size {codes.codebook_size}, but {printable(info.model_id)} has "
+            f"{tok.config.codebook_size} codes; the file's metadata contradicts its config hash"
+        )
     if codes.weights_checkable and info.decoder_hash != codes.model.decoder_hash:
         raise CLIError(
             f"{args.codes} was made with decoder weights {printable(codes.model.decoder_hash)}, but {info.model_id} has "

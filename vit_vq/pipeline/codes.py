@@ -267,10 +267,11 @@ def load_codes(path: str | Path) -> CodesFile:
         for key in ModelInfo.__dataclass_fields__
         if key in meta or key != "decoder_hash"  # format 1 may lack it
     }
-    if version < 2 and fields.get("decoder_hash"):
+    if version < 2:  # always said: a format-1 file is also how a forged file would dodge the weights check
+        why = "whose decoder_hash depends on the compute precision" if fields.get("decoder_hash") else "with no decoder_hash"
         warnings.warn(
-            f"{path} was written by an older vit_vq (codes format {version}) whose decoder_hash depends on the "
-            f"compute precision; the decoder weights cannot be checked (the config hash still is)",
+            f"{path} was written by an older vit_vq (codes format {version}) {why}; the decoder weights cannot be "
+            "checked (the config hash still is)",
             stacklevel=2,
         )
         fields["decoder_hash"] = None
@@ -285,6 +286,8 @@ def load_codes(path: str | Path) -> CodesFile:
         raise ValueError(f"{path}: codes format {version} has no 'shapes' tensor (only format 3 does)")
     elif array.ndim != 3 or array.shape[0] != len(names):
         raise ValueError(f"{path}: codes of shape {array.shape} do not match {len(names)} names")
+    elif len(names) and min(array.shape[1:]) < 1:
+        raise ValueError(f"{path}: codes of shape {array.shape} hold grids with no tokens")
     if "grid" in meta and version < 3:
         grid = _json(meta, "grid", source, MAX_FIELD_CHARS, lambda v, **kw: v)
         if grid != list(array.shape[1:]):
