@@ -196,6 +196,23 @@ def test_outputs_inside_the_data_are_left_out_of_every_later_run(capsys, tmp_pat
     assert main(["encode", str(photo_dir), "-o", str(tmp_path / "c.safetensors"), "--model", str(tiny_tokenizer_dir),
                  "--num-workers", "0", "--device", "cpu"]) == 0
     assert "skipped" not in capsys.readouterr().err
-    # an earlier version's tokenize folder (a lock file, no marker) is recognised too
+    # without its marker the folder is an input again (a lock file alone hides nothing)
     (inside / OUTPUT_MARKER).unlink()
-    assert not any(p.is_relative_to(inside) for p in list_images(photo_dir, include_all_files=True))
+    assert any(p.is_relative_to(inside) for p in list_images(photo_dir, include_all_files=True))
+
+
+def test_an_out_folder_that_already_holds_images_is_not_marked(capsys, tmp_path, photo_dir, tiny_tokenizer_dir):
+    """Marking it would hide the user's images from every later run (attacker review)."""
+    import shutil
+
+    from vit_vq.data import list_images
+    from vit_vq.files import OUTPUT_MARKER
+
+    data = tmp_path / "data"
+    shutil.copytree(photo_dir, data)
+    mine = data / "y2023"
+    mine.mkdir()
+    shutil.copy(list_images(photo_dir)[0], mine / "keep.png")
+    assert main(tokenize_argv(data, mine, tiny_tokenizer_dir)) == 0
+    assert not (mine / OUTPUT_MARKER).exists()
+    assert mine / "keep.png" in list_images(data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import signal
@@ -23,9 +24,11 @@ import torch
 from torch.utils.data import Dataset
 
 from . import json_fields
-from .files import NotRegularFileError, is_output, open_regular
+from .files import OUTPUT_MARKER, NotRegularFileError, is_output, open_regular
 from .hub import looks_local
 from .preprocess import check_image_size, image_limits, to_tensor
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 # the decoders `load_image` uses (JPEG includes phones' MPO files); others (EPS runs Ghostscript, ...) are refused
@@ -152,14 +155,19 @@ def list_images(root: str | Path, *, include_all_files: bool = False) -> list[Pa
     if not root.is_dir():
         return [root]
     found: list[Path] = []
+    outputs: list[str] = []
     for folder, subfolders, names in os.walk(root, onerror=lambda err: found.append(Path(err.filename))):
         if folder != str(root) and is_output(Path(folder), names):
             subfolders[:] = []
+            outputs.append(folder)
             continue
         subfolders[:] = [d for d in subfolders if not d.startswith(".")]
         for name in names:  # every entry but folders (and links to folders): loading says what is wrong
             if not name.startswith(".") and (include_all_files or Path(name).suffix.lower() in IMAGE_EXTENSIONS):
                 found.append(Path(folder) / name)
+    if outputs:
+        logger.info("left out %d folder(s) under %s that vit_vq wrote outputs into (they hold a %s file), e.g. %s",
+                    len(outputs), root, OUTPUT_MARKER, min(outputs))
     return sorted(found)
 
 

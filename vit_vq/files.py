@@ -178,7 +178,6 @@ def read_json_file(path: Path) -> Any:
 
 # -- output folders ---------------------------------------------------------------------------------------
 OUTPUT_MARKER = ".vit_vq-output"  # in every folder a tokenize or train run writes: never read back as input
-LEGACY_MARKERS = (".vit_vq-tokenize.lock",)  # tokenize folders of earlier versions
 
 
 def mark_output(folder: Path, what: str) -> None:
@@ -190,10 +189,9 @@ def mark_output(folder: Path, what: str) -> None:
 
 def is_output(folder: Path, names: Sequence[str] | None = None) -> bool:
     """Whether `folder` holds a vit_vq output marker (`names`: its entries, when already listed)."""
-    markers = (OUTPUT_MARKER, *LEGACY_MARKERS)
     if names is not None:
-        return any(m in names for m in markers)
-    return any(os.path.lexists(folder / m) for m in markers)
+        return OUTPUT_MARKER in names
+    return os.path.lexists(folder / OUTPUT_MARKER)
 
 
 # -- writing ------------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from ..data import open_image_source
-from ..files import FolderInUseError, FolderLock, mark_output, read_json_file
+from ..data import list_images, open_image_source
+from ..files import OUTPUT_MARKER, FolderInUseError, FolderLock, mark_output, read_json_file
 from ..fingerprint import files_stat_fingerprint, inputs_fingerprint, text_digest
 from ..tokenizer import ViTVQTokenizer
 from .batching import encode_images, lookahead
@@ -284,7 +284,8 @@ def tokenize_dataset(
             if opts.overwrite:
                 remove_stale_shards(out, _shard_names(len(source), opts))
             lock.claim(run_digest)
-            mark_output(out, "vit-vq tokenize")  # only once the run owns the folder
+            if (out / OUTPUT_MARKER).exists() or not list_images(out):  # never mark (so hide) the user's images
+                mark_output(out, "vit-vq tokenize")  # only once the run owns the folder
         return _code_and_collect(tok, info, opts, out, source, run, run_digest, records, pending, rank, world_size, progress)
 
 
