@@ -94,7 +94,7 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
         (["--preset", "huge"], "unknown preset 'huge'"),
         (["--preset", "tiny", "--init", "org/model"], "do not combine it with preset"),
         (["--data", "x"], "choose a model"),
-        (["--preset", "tiny", "--max-steps", "0"], "max_steps must be a positive int"),
+        (["--preset", "tiny", "--max-steps", "0"], "--max-steps must be a positive int"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(tmp_path, argv, message, capsys):

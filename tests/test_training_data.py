@@ -121,7 +121,7 @@ def test_fewer_items_than_a_batch_is_an_error(train_photo_dir):
 def test_missing_path_and_missing_data(tmp_path):
     with pytest.raises(FileNotFoundError):
         open_training_source(_config(tmp_path / "nope"))
-    with pytest.raises(ValueError, match="--data"):
+    with pytest.raises(ValueError, match="TrainConfig.data"):
         open_training_source(TrainConfig(preset="tiny"))
 
 

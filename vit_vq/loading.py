@@ -29,10 +29,20 @@ from torch import nn
 
 from . import hub, json_fields
 from .config import ViTVQConfig
-from .files import NotRegularFileError, lost_to_a_crash, open_regular, open_snapshot, recover, regular_file_size
+from .files import (
+    NotRegularFileError,
+    has_leftovers,
+    lost_to_a_crash,
+    open_regular,
+    open_snapshot,
+    real_folder,
+    recover,
+    regular_file_size,
+)
 from .hub import MAX_LISTED, listing
 
 MAX_CONFIG_BYTES = 1 << 20
+SWAP_WAITS = 20  # saves in a row a load waits out before it gives up
 MAX_MESSAGE_CHARS = 500
 DEPTH_KEYS = {"encoder_depth": "encoder.transformer.blocks.", "decoder_depth": "decoder.transformer.blocks."}
 
@@ -230,17 +240,27 @@ def resolve_for_loading(name: str | Path, **hub_kwargs: Any) -> tuple[Path, Path
         ValueError: an unknown `vit_vq:` name, a path that is not a folder, or an invalid Hub id.
     """
     where = hub.resolve_model_name(name)
-    if isinstance(where, Path) and lost_to_a_crash(where):
-        recover(where)
-    config_path, weights_path = hub.resolve_files(name, **hub_kwargs)
-    if isinstance(where, Path):
-        missing = [f.name for f in (config_path, weights_path) if not f.exists() and not f.is_symlink()]
-        if missing:
+    if not isinstance(where, Path):
+        return hub.resolve_files(name, **hub_kwargs)
+    for _ in range(SWAP_WAITS):
+        if lost_to_a_crash(where):
+            recover(where)  # takes the folder's lock: waits out a save mid-swap, or restores after a crash
+        try:
+            config_path, weights_path = hub.resolve_files(name, **hub_kwargs)
+            missing = [f.name for f in (config_path, weights_path) if not f.exists() and not f.is_symlink()]
+            if not missing:
+                return config_path, weights_path
+        except FileNotFoundError:
+            if not has_leftovers(real_folder(where)):
+                raise
+            recover(where)  # between the two renames of a save (waits for it), or stale temporaries (removed)
+            continue
+        if not has_leftovers(real_folder(where)):
             others = sorted(p.name for p in where.iterdir())
             raise FileNotFoundError(
                 f"{where} has no {' or '.join(missing)} (found: {listing(others)}); vit_vq reads only safetensors weights"
             )
-    return config_path, weights_path
+    raise FileNotFoundError(f"{where} kept changing under {SWAP_WAITS} saves in a row; try loading it again")
 
 
 @contextmanager
