@@ -47,7 +47,7 @@ def photo_crops(size: int, count: int, seed: int = 0) -> torch.Tensor:
     import skimage.data
     from sklearn.datasets import load_sample_images
 
-    names = ("astronaut", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry")
+    names = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
     photos = [getattr(skimage.data, n)()[..., :3] for n in names] + list(load_sample_images().images)
     gen = torch.Generator().manual_seed(seed)
     crops = []

@@ -283,7 +283,7 @@ def refuse_existing(targets: Iterable[Path], overwrite: bool) -> None:
     if existing:
         others = f" (and {len(existing) - 1} more output paths that exist)" if len(existing) > 1 else ""
         raise CLIError(
-            f"refusing to overwrite {str(existing[0])!r}{others}, which this run did not create; "
+            f"refusing to overwrite {str(existing[0])!r}{others}, which already exists; "
             "pass --overwrite to replace it, or choose another output"
         )
 
