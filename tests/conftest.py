@@ -124,3 +124,22 @@ def tf_inception_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("fid") / "tf-inception-random.pth"
     torch.save(state, path)
     return path
+
+
+def write_mini_pack(root, photos, *, excluded_packages=()):
+    """A 6-photo training pack in `examples/prepare_default_data.py`'s layout (2 held out), at `root`."""
+    import json
+
+    from PIL import Image
+
+    entries = []
+    for i, (name, photo) in enumerate(zip(PHOTO_NAMES[:6], photos[:6], strict=True)):
+        split = "heldout" if i < 2 else "train"
+        (root / split).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo).resize((192, 160)).save(root / split / f"{name}.jpg", quality=95)
+        entries.append(dict(name=name, split=split, source="scikit-image", origin=f"skimage.data.{name}()",
+                            licence="CC0-1.0", attribution="scikit-image", original_size=[192, 160], stored_size=[192, 160]))
+    (root / "manifest.json").write_text(json.dumps({"short_side": 160, "excluded_packages": list(excluded_packages),
+                                                   "heldout": [e["name"] for e in entries[:2]], "demo_samples": [],
+                                                   "photos": entries}))
+    return root

@@ -33,19 +33,9 @@ def test_plot_pipeline_draws_the_front_page_figure(tmp_path):
 @pytest.mark.slow
 def test_train_default_recipe_runs_end_to_end_on_a_mini_pack(tmp_path, photos):
     """Two optimizer steps through the Trainer, export, held-out scoring and the model card."""
-    from conftest import PHOTO_NAMES
+    from conftest import write_mini_pack
 
-    pack = tmp_path / "pack"
-    entries = []
-    for i, (name, photo) in enumerate(zip(PHOTO_NAMES[:6], photos[:6], strict=True)):
-        split = "heldout" if i < 2 else "train"
-        (pack / split).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(photo).resize((192, 160)).save(pack / split / f"{name}.jpg", quality=95)
-        entries.append(dict(name=name, split=split, source="scikit-image", origin=f"skimage.data.{name}()",
-                            licence="CC0-1.0", attribution="scikit-image", original_size=[192, 160], stored_size=[192, 160]))
-    (pack / "manifest.json").write_text(json.dumps({"short_side": 160, "excluded_packages": ["mate-backgrounds"],
-                                                   "heldout": [e["name"] for e in entries[:2]], "demo_samples": [],
-                                                   "photos": entries}))
+    pack = write_mini_pack(tmp_path / "pack", photos, excluded_packages=["mate-backgrounds"])
     out = run([EXAMPLES / "train_default.py", "--steps", "2", "--batch-size", "4", "--device", "cpu",
                "--data", pack, "--output", tmp_path / "run", "--eval-crops", "8"], cwd=tmp_path, timeout=400)
     final = tmp_path / "run" / "final"

@@ -241,19 +241,9 @@ def test_train_default_example_trains_at_mixed_shapes_and_scores_native_aspect(t
     import sys
     from pathlib import Path
 
-    from conftest import PHOTO_NAMES
-    from PIL import Image
+    from conftest import write_mini_pack
 
-    pack = tmp_path / "pack"
-    entries = []
-    for i, (name, photo) in enumerate(zip(PHOTO_NAMES[:6], photos[:6], strict=True)):
-        split = "heldout" if i < 2 else "train"
-        (pack / split).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(photo).resize((192, 160)).save(pack / split / f"{name}.jpg", quality=95)
-        entries.append(dict(name=name, split=split, source="scikit-image", origin=f"skimage.data.{name}()",
-                            licence="CC0-1.0", attribution="scikit-image", original_size=[192, 160], stored_size=[192, 160]))
-    (pack / "manifest.json").write_text(json.dumps({"short_side": 160, "excluded_packages": [], "demo_samples": [],
-                                                   "heldout": [e["name"] for e in entries[:2]], "photos": entries}))
+    pack = write_mini_pack(tmp_path / "pack", photos)
     script = Path(__file__).resolve().parents[1] / "examples" / "train_default.py"
     args = [sys.executable, script, "--steps", "2", "--batch-size", "4", "--device", "cpu", "--data", pack,
             "--output", tmp_path / "run", "--eval-crops", "8", "--aspect-range", "0.5", "2", "--train-tokens", "192"]
