@@ -254,6 +254,7 @@ def test_a_small_image_in_a_huge_file_is_refused_unread(tmp_path):
 def test_empty_restart_intervals_are_refused(tmp_path):
     """A JPEG with restart markers whose intervals were dropped: libjpeg fills them grey and only warns."""
     import re
+
     from skimage import data
 
     buf = io.BytesIO()
@@ -266,5 +267,46 @@ def test_empty_restart_intervals_are_refused(tmp_path):
     parts = re.split(rb"(\xff[\xd0-\xd7])", whole[start : whole.rindex(b"\xff\xd9")])
     kept = b"".join(p for i, p in enumerate(parts) if i % 2 == 1 or i < len(parts) // 10)  # 10% of the intervals
     (tmp_path / "cut.jpg").write_bytes(whole[:start] + kept + b"\xff\xd9")
-    with pytest.raises(ValueError, match="a restart interval holds no image data"):
+    with pytest.raises(ValueError, match="a restart interval holds less than 2 bits per block"):
         load_image(tmp_path / "cut.jpg")
+
+
+def test_restart_intervals_of_one_junk_byte_are_refused(tmp_path):
+    """Second attack pass: one byte per dropped interval passed the 'not empty' rule with 95% grey."""
+    import re
+
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, "JPEG", restart_marker_blocks=1)
+    whole = buf.getvalue()
+    sos = whole.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(whole[sos + 2 : sos + 4], "big")
+    parts = re.split(rb"(\xff[\xd0-\xd7])", whole[start : whole.rindex(b"\xff\xd9")])
+    junk = b"".join(p if i % 2 == 1 or i < 20 or i == len(parts) - 1 else b"\x00" for i, p in enumerate(parts))
+    (tmp_path / "junk.jpg").write_bytes(whole[:start] + junk + b"\xff\xd9")
+    with pytest.raises(ValueError, match="less than 2 bits per block"):
+        load_image(tmp_path / "junk.jpg")
+
+
+def test_a_padded_ihdr_cannot_hide_a_fake_idat(tmp_path):
+    """Second attack pass: chunks are walked by their own lengths from the signature on."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    rows = (b"\x00" + bytes(64 * 3)) * 64
+    fake = chunk(b"IDAT", zlib.compress(rows))  # a whole image's data, hidden inside IHDR
+    ihdr = struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0) + bytes(4) + fake
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows[: 1 + 64 * 3])) + chunk(b"IEND", b"")
+    (tmp_path / "padded.png").write_bytes(png)
+    with pytest.raises(ValueError):
+        load_image(tmp_path / "padded.png")
+
+
+def test_many_identical_names_get_distinct_outputs():
+    from vit_vq.cli.common import output_names
+
+    out = output_names(["a"] * 3000 + ["a-1"])
+    assert len(set(out)) == 3001 and out[0].name == "a.png" and out[2999].name == "a-2999.png"

@@ -30,7 +30,7 @@ from .preprocess import check_image_size, image_limits, to_tensor
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".avif")
 # the decoders `load_image` uses (JPEG includes phones' MPO files); others (EPS runs Ghostscript, ...) are refused
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "DIB", "GIF", "WEBP", "TIFF", "PPM", "AVIF")
 
@@ -322,7 +322,7 @@ def _check_png(f: io.BufferedReader | io.BytesIO) -> None:
         if cols and rows:
             need += rows * (1 + _ceil_div(cols * bits, 8))
     inflate, have = zlib.decompressobj(), 0
-    f.seek(33)
+    f.seek(8)  # every chunk by its own length, IHDR included (a padded IHDR must not hide a fake IDAT)
     while have < need:
         head = f.read(8)
         if len(head) < 8:
@@ -367,7 +367,8 @@ def _check_jpeg(data: bytes, pixels: int) -> int | None:
             size); arithmetic coding; a malformed segment.
     """
     limit, n = max_jpeg_scans(pixels), len(data)
-    pos, scans, coded, blocks = 2, 0, 0, 0  # after SOI
+    pos, scans, coded, blocks, restart = 2, 0, 0, 0, 0  # after SOI
+    per_block: dict[int, int] = {}  # component id -> blocks per MCU (h x v)
     truncated = "truncated JPEG: the file ends before its end-of-image marker"
     while True:
         if pos + 2 > n:
@@ -392,6 +393,10 @@ def _check_jpeg(data: bytes, pixels: int) -> int | None:
             raise ValueError(f"arithmetic-coded JPEG (SOF marker 0x{marker:02x}); only Huffman-coded JPEGs are read")
         if marker in _SOF:
             blocks = _jpeg_blocks(data[pos + 4 : end])
+            sof = data[pos + 4 : end]
+            per_block = {sof[6 + 3 * i]: (sof[7 + 3 * i] >> 4) * (sof[7 + 3 * i] & 15) for i in range(sof[5])}
+        elif marker == 0xDD and end - pos >= 6:  # DRI: MCUs per restart interval
+            restart = int.from_bytes(data[pos + 4 : pos + 6], "big")
         elif marker == 0xDA:  # SOS, then its entropy-coded data up to the next marker
             scans += 1
             if scans > limit:
@@ -404,9 +409,13 @@ def _check_jpeg(data: bytes, pixels: int) -> int | None:
                 raise ValueError(truncated)
             segment = data[end : found.start()]
             bounds = [-2, *(m.start() for m in _RESTART.finditer(segment)), len(segment)]
-            if any(b - a <= 2 for a, b in zip(bounds, bounds[1:], strict=False)):
+            ids = data[pos + 5 : pos + 5 + 2 * data[pos + 4] : 2]  # the scan's components
+            mcu_blocks = sum(per_block.get(c, 1) for c in ids) if len(ids) > 1 else 1
+            # a Huffman-coded block takes at least 2 bits (a DC code and an end-of-block code, 1 bit each at best)
+            least = max(1, _ceil_div(2 * restart * mcu_blocks, 8))
+            if any(b - a - 2 < least for a, b in zip(bounds[:-2], bounds[1:-1], strict=True)) or bounds[-1] - bounds[-2] <= 2:
                 raise ValueError(
-                    "truncated JPEG: a restart interval holds no image data (libjpeg would fill it with grey)"
+                    "truncated JPEG: a restart interval holds less than 2 bits per block (libjpeg would fill it with grey)"
                 )
             coded += len(segment) - 2 * (len(bounds) - 2)  # restart markers are not image data
             end = found.start()

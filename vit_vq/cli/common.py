@@ -364,6 +364,7 @@ def output_names(names: list[str], suffix: str = ".png") -> list[Path]:
     """
     used: set[Path] = set()
     folders: set[Path] = set()
+    next_suffix: dict[Path, int] = {}  # per name: where its de-duplicating count goes on (linear, not quadratic)
     out = []
     for name in names:
         p = Path(name)
@@ -372,11 +373,12 @@ def output_names(names: list[str], suffix: str = ".png") -> list[Path]:
         rel = Path(*parts)
         rel = rel.with_suffix(suffix) if rel.stem else rel.with_name("image" + suffix)
         if any(parent in used for parent in rel.parents):  # a folder that is another image's file: flatten
-            rel = Path("_".join(rel.parts))
-        candidate, k = rel, 1
+            rel = Path(_safe_component("_".join(rel.parts)))
+        candidate, k = rel, next_suffix.get(rel, 1)
         while candidate in used or candidate in folders:
             candidate = rel.with_name(f"{rel.stem}-{k}{suffix}")
             k += 1
+        next_suffix[rel] = k
         used.add(candidate)
         folders.update(candidate.parents)
         out.append(candidate)

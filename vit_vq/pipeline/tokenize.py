@@ -284,7 +284,8 @@ def tokenize_dataset(
             if opts.overwrite:
                 remove_stale_shards(out, _shard_names(len(source), opts))
             lock.claim(run_digest)
-            if (out / OUTPUT_MARKER).exists() or not list_images(out):  # never mark (so hide) the user's images
+            # never mark (and so hide) a folder that holds the user's files
+            if (out / OUTPUT_MARKER).exists() or not list_images(out, include_all_files=True):
                 mark_output(out, "vit-vq tokenize")  # only once the run owns the folder
         return _code_and_collect(tok, info, opts, out, source, run, run_digest, records, pending, rank, world_size, progress)
 
