@@ -119,8 +119,7 @@ def open_snapshot(folder: str | Path, names: Sequence[str]) -> Iterator[dict[str
         try:
             dir_fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
-            if attempt + 1 < _SNAPSHOT_TRIES:  # between the two renames of a swap
-                time.sleep(_POLL_S[0])
+            if attempt + 1 < _SNAPSHOT_TRIES and _wait_for_swap(folder):  # between the two renames of a save
                 continue
             raise
         try:
@@ -129,7 +128,9 @@ def open_snapshot(folder: str | Path, names: Sequence[str]) -> Iterator[dict[str
         except FileNotFoundError:
             for fd in fds.values():
                 os.close(fd)
-            if attempt + 1 < _SNAPSHOT_TRIES and folder.is_dir() and all((folder / n).exists() for n in names):
+            if attempt + 1 < _SNAPSHOT_TRIES and (
+                _wait_for_swap(folder) or (folder.is_dir() and all((folder / n).exists() for n in names))
+            ):
                 continue  # this generation was deleted by a newer save: take the newer one
             raise FileNotFoundError(f"{folder / name} does not exist (or is a link to nothing)") from None
         except BaseException:
@@ -144,6 +145,17 @@ def open_snapshot(folder: str | Path, names: Sequence[str]) -> Iterator[dict[str
             for fd in fds.values():
                 os.close(fd)
         return
+
+
+def _wait_for_swap(folder: Path) -> bool:
+    """If a save may be replacing `folder` now (its hidden copies lie beside it), wait for it to end
+    (its lock) and return True; else False. Waiting on the lock, not polling, outlasts any stall."""
+    real = real_folder(folder)
+    if not has_leftovers(real):
+        return False
+    with swap_lock(real):
+        pass
+    return True
 
 
 def _open_in(dir_fd: int, folder: Path, name: str) -> int:
