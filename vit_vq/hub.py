@@ -8,6 +8,8 @@ Hub repo id; `resolve_model_name` tells them apart without touching the network,
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -106,7 +108,8 @@ def resolve_model_name(name: str | Path) -> str | Path:
         return bundled_model_dir(name)
     path = Path(text).expanduser()
     if isinstance(name, Path) or path.exists() or looks_local(text) or lost_to_a_crash(path):
-        if not path.exists() and not lost_to_a_crash(path):  # missing, or a link to a folder that is missing
+        if not path.exists() and not lost_to_a_crash(path) and not path.exists():  # missing (looked at again: a save may
+            # have been between its two renames), or a link to a folder that is missing
             raise FileNotFoundError(
                 f"no such folder: {text!r} (a local tokenizer folder holds {CONFIG_NAME} and {WEIGHTS_NAME})"
             )
@@ -138,11 +141,13 @@ def resolve_files(
             "a bundled model's versions are separate names (vit_vq:default-v1, ...)"
         )
     if isinstance(where, Path):
-        if not where.exists():
+        try:
+            mode = os.stat(where).st_mode  # one look: a save's two renames may run between two of them
+        except FileNotFoundError:
             raise FileNotFoundError(
                 f"no such folder: {str(name_or_path)!r}; a save into it was interrupted, and loading it restores it"
-            )
-        if not where.is_dir():
+            ) from None
+        if not stat.S_ISDIR(mode):
             raise ValueError(f"{where} is not a folder; a tokenizer is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
         return where / CONFIG_NAME, where / WEIGHTS_NAME  # loading checks that they exist
     kwargs: dict[str, Any] = dict(
