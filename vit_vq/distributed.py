@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -40,3 +42,18 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> None:
     """Overwrite `tensor` on every rank with rank `src`'s copy."""
     if is_distributed():
         dist.broadcast(tensor, src=src)
+
+
+MAX_DEFAULT_WORKERS = 4  # data-loader workers when not set: min(this, CPUs available)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else the CPU count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Data-loader (image-decoding) workers when not set: the CPUs this process may use, at most 4."""
+    return max(1, min(MAX_DEFAULT_WORKERS, available_cpus()))

@@ -57,7 +57,12 @@ def check_regular_file(path: Path, *, via: Path | None = None) -> int:
     try:
         return regular_file_size(via or path)
     except NotRegularFileError as err:
-        raise ValueError(f"{path} is {err.kind}; vit_vq reads tokenizer files only from regular files") from None
+        raise not_a_model_file(err, path) from None
+
+
+def not_a_model_file(err: NotRegularFileError, path: Path | None = None) -> ValueError:
+    """The one message for a tokenizer file that is not a regular file (`path`: its name, when opened via another)."""
+    return ValueError(f"{path or err.path} is {err.kind}; vit_vq reads tokenizer files only from regular files")
 
 
 def read_config(path: Path, *, via: Path | None = None) -> ViTVQConfig:
@@ -275,7 +280,7 @@ def open_model_files(config_path: Path, weights_path: Path) -> Iterator[tuple[Pa
         with open_snapshot(folder, (config_path.name, weights_path.name)) as opened:
             yield opened[config_path.name], opened[weights_path.name]
     except NotRegularFileError as err:
-        raise ValueError(f"{err.path} is {err.kind}; vit_vq reads tokenizer files only from regular files") from None
+        raise not_a_model_file(err) from None
 
 
 def load_pretrained(

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..distributed import default_workers
 from ..pipeline.batching import DEFAULT_BATCH_TOKENS, lookahead, shape_chunks
 from ..pipeline.runtime import ModelInfo, load_tokenizer, prepare_for_inference
 from ..pipeline.sources import RESIZE_MODES, FileImages, ModelSizedImages, collate_sized, resize_notice
@@ -89,12 +90,6 @@ def images_per_read(tok: ViTVQTokenizer, args: argparse.Namespace) -> int:
     """Images a loader batch holds: a pass's worth at one shape, more to group by shape at several."""
     uniform = args.resize in ("crop", "none")
     return lookahead(tok.config, args.batch_size, getattr(args, "batch_tokens", None), uniform=uniform)
-
-
-def default_workers() -> int:
-    """Image-decoding workers by default: the CPUs this process may use, at most 4."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cpus))
 
 
 def plural(count: int, word: str, many: str | None = None) -> str:
@@ -389,7 +384,6 @@ __all__ = [
     "add_model_args",
     "add_resize_arg",
     "plural",
-    "default_workers",
     "sized_images",
     "images_per_read",
     "load_model",

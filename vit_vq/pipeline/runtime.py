@@ -17,6 +17,7 @@ import torch
 
 from ..files import NotRegularFileError
 from ..fingerprint import decoder_hash, model_files_fingerprint
+from ..loading import not_a_model_file
 from ..tokenizer import ViTVQTokenizer
 
 ComputeDtype = Literal["fp32", "bf16", "fp16"]  # the encoder/decoder dtype (the lookup's precision is ops.LookupPrecision)
@@ -180,7 +181,7 @@ def weights_fingerprint(name: str, revision: str | None = None) -> str | None:
     try:
         return model_files_fingerprint(files)
     except NotRegularFileError as err:
-        raise ValueError(f"{err.path} is {err.kind}; vit_vq reads tokenizer files only from regular files") from None
+        raise not_a_model_file(err) from None
 
 
 def synchronize(device: torch.device) -> None:

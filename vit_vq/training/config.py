@@ -8,13 +8,13 @@ carries its help text in `metadata["help"]`, which the command line shows as is.
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from ..config import PRESETS
+from ..distributed import MAX_DEFAULT_WORKERS, default_workers
 
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 DataFormat = Literal["auto", "folder", "hf", "cifar10"]
@@ -22,7 +22,6 @@ CropScales = Literal["fixed", "log_uniform"]
 PerceptualKind = Literal["auto", "lpips", "vgg"]
 DataViews = Literal["loader", "device"]
 MAX_DEFAULT_WARMUP = 500  # warmup steps when not set: min(this, max_steps // 10)
-MAX_DEFAULT_WORKERS = 4  # data-loader workers when not set: min(this, CPUs available)
 # Named sets of settings (`--recipe NAME`): applied beneath a config file's values and explicit flags.
 RECIPES: dict[str, dict[str, Any]] = {
     # How the bundled default tokenizer was trained (examples/train_default.py): views across scales with
@@ -243,7 +242,7 @@ class TrainConfig:
         """The data-loader workers in effect: `num_workers`, or the CPUs this process may use (at most 4) when unset."""
         if self.num_workers is not None:
             return self.num_workers
-        return min(MAX_DEFAULT_WORKERS, available_cpus())
+        return default_workers()
 
     @property
     def many_shapes(self) -> bool:
@@ -320,18 +319,11 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one, else the CPU count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 __all__ = [
-    "TrainConfig", "RECIPES", "MixedPrecision", "PerceptualKind", "DataFormat", "DataViews", "KNOWN_TRACKERS", "available_cpus",
+    "TrainConfig", "RECIPES", "MixedPrecision", "PerceptualKind", "DataFormat", "DataViews", "KNOWN_TRACKERS",
 ]
